@@ -1,0 +1,23 @@
+//! abupdate: A/B root partition updates for GPT disks.
+//!
+//! The crate is split by concern:
+//! - [`attrs`]: the ChromeOS/cgpt slot attribute bits (pure).
+//! - [`select`]: the boot selection state machine, matching vboot's cgptlib (pure).
+//! - [`blockdev`]: the block device abstraction (files, block devices, in-memory, recording).
+//! - [`gpt`]: reading both GPT copies and the crash-safe in-place attribute writer.
+//! - [`slots`]: finding the A/B slots on a disk and reporting their state.
+//! - [`init`]: creating a fresh file-backed A/B disk.
+//! - [`bundle`]: the signed, chunked, zstd-compressed update bundle format.
+//! - [`sys`]: the only module with `unsafe` (ioctls, flock, aligned buffers).
+
+pub mod attrs;
+pub mod blockdev;
+pub mod bundle;
+pub mod exit;
+pub mod footer;
+pub mod gpt;
+pub mod init;
+pub mod running;
+pub mod select;
+pub mod slots;
+pub mod sys;

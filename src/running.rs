@@ -1,0 +1,76 @@
+//! Which slot is running: the one fact the install and commit paths must never get wrong.
+//!
+//! Sources, in order of trust: an explicit `--slot`; the kernel command line
+//! (`root=PARTUUID=…` or `abupdate.slot=LABEL`); the marker file the initramfs hook writes
+//! (`/run/abupdate-slot`); and the device number of the mounted root filesystem compared
+//! with each slot's partition device node.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use crate::slots::{partition_device_path, Slot};
+
+/// How the running slot was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunningSource {
+    /// Given on the command line.
+    Explicit,
+    /// `root=PARTUUID=` on the kernel command line.
+    KernelPartuuid,
+    /// `abupdate.slot=` on the kernel command line.
+    KernelSlotName,
+    /// The initramfs hook's marker file.
+    MarkerFile,
+    /// The root filesystem's device is this slot's partition.
+    RootDevice,
+}
+
+/// Default path of the marker file the initramfs hook writes into the new root's `/run`.
+pub const MARKER_FILE: &str = "/run/abupdate-slot";
+
+/// Finds the running slot from the kernel command line text, if it names one of `slots`.
+pub fn from_cmdline(cmdline: &str, slots: &[Slot]) -> Option<(usize, RunningSource)> {
+    for word in cmdline.split_whitespace() {
+        if let Some(uuid) = word.strip_prefix("root=PARTUUID=") {
+            if let Some(i) = slots
+                .iter()
+                .position(|s| s.partuuid().to_string().eq_ignore_ascii_case(uuid))
+            {
+                return Some((i, RunningSource::KernelPartuuid));
+            }
+        }
+        if let Some(name) = word.strip_prefix("abupdate.slot=") {
+            if let Some(i) = slots.iter().position(|s| s.name == name) {
+                return Some((i, RunningSource::KernelSlotName));
+            }
+        }
+    }
+    None
+}
+
+/// Finds the running slot on this machine, for the disk at `disk_path`. `None` when the disk
+/// is not the one the system runs from (e.g. a disk image being prepared).
+pub fn detect(disk_path: &Path, disk_is_block_device: bool, slots: &[Slot]) -> Option<(usize, RunningSource)> {
+    if let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") {
+        if let Some(found) = from_cmdline(&cmdline, slots) {
+            return Some(found);
+        }
+    }
+    if !disk_is_block_device {
+        return None;
+    }
+    if let Ok(marker) = std::fs::read_to_string(MARKER_FILE) {
+        let name = marker.trim();
+        if let Some(i) = slots.iter().position(|s| s.name == name) {
+            return Some((i, RunningSource::MarkerFile));
+        }
+    }
+    let root_dev = std::fs::metadata("/").ok()?.dev();
+    slots.iter().position(|s| {
+        std::fs::metadata(partition_device_path(disk_path, s.partition()))
+            .map(|m| m.rdev() == root_dev)
+            .unwrap_or(false)
+    })
+    .map(|i| (i, RunningSource::RootDevice))
+}

@@ -1,0 +1,344 @@
+//! The A/B slots of a disk: found by partition label, read and written through [`crate::gpt`].
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::attrs::{SlotAttributes, SlotFields};
+use crate::blockdev::BlockDevice;
+use crate::gpt::{CopyHealth, Entry, Gpt, GptError};
+use crate::select;
+
+/// Default slot labels, in the order abupdate calls them A and B.
+pub const DEFAULT_LABELS: [&str; 2] = ["ROOT-A", "ROOT-B"];
+
+/// Errors finding or changing slots.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// The GPT layer failed.
+    #[error(transparent)]
+    Gpt(#[from] GptError),
+    /// No partition carries this label.
+    #[error("no partition labelled {label} on {disk}")]
+    Missing {
+        /// The label looked for.
+        label: String,
+        /// The disk.
+        disk: String,
+    },
+    /// More than one partition carries this label.
+    #[error("label {label} is on more than one partition ({partitions}) of {disk}")]
+    Duplicate {
+        /// The label.
+        label: String,
+        /// The partition numbers, comma separated.
+        partitions: String,
+        /// The disk.
+        disk: String,
+    },
+    /// A slot partition lies outside the disk.
+    #[error("slot {label} (partition {partition}) spans LBA {first}..={last}, beyond the disk's last LBA {disk_last}")]
+    OutsideDisk {
+        /// The slot label.
+        label: String,
+        /// Its partition number.
+        partition: u32,
+        /// First LBA.
+        first: u64,
+        /// Last LBA.
+        last: u64,
+        /// The disk's last LBA.
+        disk_last: u64,
+    },
+    /// A slot name that is not one of the configured labels.
+    #[error("unknown slot {name} (slots are {known})")]
+    Unknown {
+        /// The name given.
+        name: String,
+        /// The configured labels.
+        known: String,
+    },
+}
+
+/// One slot: its label, partition entry and attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// The partition label (e.g. `ROOT-A`).
+    pub name: String,
+    /// The partition entry as read.
+    pub entry: Entry,
+    /// The attribute field.
+    pub attrs: SlotAttributes,
+}
+
+impl Slot {
+    /// The 1-based partition number.
+    pub fn partition(&self) -> u32 {
+        self.entry.number()
+    }
+
+    /// The unique partition GUID (what `root=PARTUUID=` names).
+    pub fn partuuid(&self) -> Uuid {
+        self.entry.unique_guid
+    }
+
+    /// Partition size in bytes.
+    pub fn size_bytes(&self, sector_size: u32) -> u64 {
+        (self.entry.last_lba - self.entry.first_lba + 1) * u64::from(sector_size)
+    }
+
+    /// Byte offset of the partition on the disk.
+    pub fn offset_bytes(&self, sector_size: u32) -> u64 {
+        self.entry.first_lba * u64::from(sector_size)
+    }
+}
+
+/// A disk with its GPT and A/B slots, ready for attribute changes.
+#[derive(Debug)]
+pub struct AbDisk<D> {
+    /// The device.
+    pub dev: D,
+    /// The GPT as last read or written.
+    pub gpt: Gpt,
+    name: String,
+    labels: Vec<String>,
+}
+
+/// The path of partition `number` of the disk at `disk` (`/dev/vda` → `/dev/vda2`,
+/// `/dev/loop0` or `/dev/nvme0n1` → `…p2`), as udev and the kernel name them.
+pub fn partition_device_path(disk: &Path, number: u32) -> PathBuf {
+    let s = disk.to_string_lossy();
+    if s.ends_with(|c: char| c.is_ascii_digit()) {
+        PathBuf::from(format!("{s}p{number}"))
+    } else {
+        PathBuf::from(format!("{s}{number}"))
+    }
+}
+
+impl<D: BlockDevice> AbDisk<D> {
+    /// Reads the GPT of `dev` and checks that each label names exactly one partition inside
+    /// the disk. `name` is used in messages.
+    pub fn open(mut dev: D, name: &str, labels: &[String]) -> Result<Self, SlotError> {
+        let gpt = Gpt::read(&mut dev)?;
+        let disk = Self {
+            dev,
+            gpt,
+            name: name.to_string(),
+            labels: labels.to_vec(),
+        };
+        disk.slots()?;
+        Ok(disk)
+    }
+
+    /// The disk name given at open.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The configured slot labels.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// The slots, in partition-table order (the order cgptlib breaks ties in).
+    pub fn slots(&self) -> Result<Vec<Slot>, SlotError> {
+        let entries = self.gpt.entries();
+        let disk_last = self.dev.len() / u64::from(self.dev.sector_size()) - 1;
+        let mut slots = Vec::new();
+        for label in &self.labels {
+            let matches: Vec<&Entry> = entries.iter().filter(|e| e.is_used() && &e.name == label).collect();
+            match matches.as_slice() {
+                [] => {
+                    return Err(SlotError::Missing {
+                        label: label.clone(),
+                        disk: self.name.clone(),
+                    })
+                }
+                [entry] => {
+                    if entry.last_lba > disk_last || entry.first_lba > entry.last_lba {
+                        return Err(SlotError::OutsideDisk {
+                            label: label.clone(),
+                            partition: entry.number(),
+                            first: entry.first_lba,
+                            last: entry.last_lba,
+                            disk_last,
+                        });
+                    }
+                    slots.push(Slot {
+                        name: label.clone(),
+                        entry: (*entry).clone(),
+                        attrs: SlotAttributes::from_raw(entry.attributes),
+                    });
+                }
+                many => {
+                    return Err(SlotError::Duplicate {
+                        label: label.clone(),
+                        partitions: many.iter().map(|e| e.number().to_string()).collect::<Vec<_>>().join(", "),
+                        disk: self.name.clone(),
+                    })
+                }
+            }
+        }
+        slots.sort_by_key(|s| s.entry.index);
+        Ok(slots)
+    }
+
+    /// Finds a slot by label (case-sensitive) or by its letter (`A`, `B`).
+    pub fn slot_index(&self, slots: &[Slot], name: &str) -> Result<usize, SlotError> {
+        let wanted = self
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(i, l)| l.as_str() == name || slot_letter(*i).eq_ignore_ascii_case(name))
+            .map(|(_, l)| l.clone());
+        wanted
+            .and_then(|label| slots.iter().position(|s| s.name == label))
+            .ok_or_else(|| SlotError::Unknown {
+                name: name.to_string(),
+                known: self.labels.join(", "),
+            })
+    }
+
+    /// Writes new attributes for the slots (same order as [`AbDisk::slots`]) crash-safely.
+    /// Returns the bytes written; 0 when nothing changed.
+    pub fn write_slot_attributes(&mut self, slots: &[Slot], new: &[SlotAttributes]) -> Result<u64, SlotError> {
+        let changes: Vec<(usize, u64)> = slots
+            .iter()
+            .zip(new)
+            .filter(|(s, n)| s.attrs != **n)
+            .map(|(s, n)| (s.entry.index, n.raw()))
+            .collect();
+        Ok(self.gpt.write_attributes(&mut self.dev, &changes)?)
+    }
+
+    /// A status report (without version or running-slot knowledge, which callers add).
+    pub fn status(&self) -> Result<Status, SlotError> {
+        let slots = self.slots()?;
+        let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
+        let next = select::next_slot(&attrs);
+        let sector_size = self.dev.sector_size();
+        Ok(Status {
+            disk: self.name.clone(),
+            sector_size,
+            disk_guid: self.gpt.disk_guid().to_string(),
+            slots: slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| SlotStatus {
+                    name: s.name.clone(),
+                    partition: s.partition(),
+                    partuuid: s.partuuid().to_string(),
+                    fields: s.attrs.fields(),
+                    bootable: s.attrs.is_bootable(),
+                    next_boot: next == Some(i),
+                    running: false,
+                    size_bytes: s.size_bytes(sector_size),
+                    version: None,
+                })
+                .collect(),
+            next_boot: next.map(|i| slots[i].name.clone()),
+            running: None,
+            gpt: self.gpt.health(),
+        })
+    }
+}
+
+/// `A` for the first configured label, `B` for the second, and so on.
+pub fn slot_letter(index: usize) -> String {
+    char::from(b'A' + (index % 26) as u8).to_string()
+}
+
+/// One slot in a status report.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotStatus {
+    /// Label.
+    pub name: String,
+    /// 1-based partition number.
+    pub partition: u32,
+    /// Unique partition GUID.
+    pub partuuid: String,
+    /// Priority, tries, successful.
+    #[serde(flatten)]
+    pub fields: SlotFields,
+    /// Whether cgptlib would consider it.
+    pub bootable: bool,
+    /// Whether it boots next.
+    pub next_boot: bool,
+    /// Whether it is the running slot (when known).
+    pub running: bool,
+    /// Partition size.
+    pub size_bytes: u64,
+    /// Installed image version, when recorded.
+    pub version: Option<String>,
+}
+
+/// The full status report of a disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Disk path.
+    pub disk: String,
+    /// Logical sector size.
+    pub sector_size: u32,
+    /// Disk GUID.
+    pub disk_guid: String,
+    /// The slots in partition order.
+    pub slots: Vec<SlotStatus>,
+    /// Label of the slot that boots next, if any.
+    pub next_boot: Option<String>,
+    /// Label of the running slot, if known.
+    pub running: Option<String>,
+    /// Health of both GPT copies.
+    pub gpt: Vec<CopyHealth>,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "disk {} ({}-byte sectors, GUID {})", self.disk, self.sector_size, self.disk_guid)?;
+        for s in &self.slots {
+            let mut marks = Vec::new();
+            if s.next_boot {
+                marks.push("next-boot");
+            }
+            if s.running {
+                marks.push("running");
+            }
+            writeln!(
+                f,
+                "{:<8} partition {:<2} PARTUUID {} priority {:<2} tries {:<2} successful {} version {} {}",
+                s.name,
+                s.partition,
+                s.partuuid,
+                s.fields.priority,
+                s.fields.tries,
+                u8::from(s.fields.successful),
+                s.version.as_deref().unwrap_or("-"),
+                marks.join(",")
+            )?;
+        }
+        for g in &self.gpt {
+            let state = match (&g.problem, g.valid) {
+                (None, _) => "ok".to_string(),
+                (Some(p), true) => format!("valid but {p}"),
+                (Some(p), false) => format!("INVALID: {p}"),
+            };
+            writeln!(f, "gpt {:<7} (LBA {}) {}", g.copy.to_string(), g.lba, state)?;
+        }
+        match &self.next_boot {
+            Some(n) => write!(f, "next boot: {n}"),
+            None => write!(f, "next boot: none (no bootable slot)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_paths() {
+        assert_eq!(partition_device_path(Path::new("/dev/vda"), 2), PathBuf::from("/dev/vda2"));
+        assert_eq!(partition_device_path(Path::new("/dev/loop3"), 1), PathBuf::from("/dev/loop3p1"));
+        assert_eq!(partition_device_path(Path::new("/dev/nvme0n1"), 1), PathBuf::from("/dev/nvme0n1p1"));
+    }
+}
