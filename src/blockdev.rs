@@ -64,13 +64,13 @@ pub enum OpenError {
         /// The size found or given.
         size: u32,
     },
-    /// Another abupdate process holds the disk lock.
-    #[error("{path} is locked by another abupdate process (lock file {lock})")]
+    /// Another process holds the disk lock.
+    #[error("{path} is locked by another abupdate process ({holder})")]
     Locked {
         /// The disk path.
         path: PathBuf,
-        /// The lock file path.
-        lock: PathBuf,
+        /// Who holds it, as far as /proc/locks tells.
+        holder: String,
     },
 }
 
@@ -126,6 +126,22 @@ impl FileDevice {
         })
     }
 
+    /// Takes the exclusive abupdate lock on this disk (`flock` on the disk node or image file),
+    /// so two abupdate processes never interleave writes. Held until the device is dropped.
+    pub fn lock(&self) -> Result<(), OpenError> {
+        match sys::try_lock_exclusive(&self.file) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(OpenError::Locked {
+                path: self.path.clone(),
+                holder: lock_holder(&self.file),
+            }),
+            Err(source) => Err(OpenError::Io {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
     /// The path the device was opened from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -179,6 +195,37 @@ impl MemDevice {
     }
 }
 
+/// Names the process holding a flock on `file`, from /proc/locks (best effort).
+fn lock_holder(file: &File) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = file.metadata() else {
+        return "holder unknown".into();
+    };
+    let inode = meta.ino().to_string();
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    for line in locks.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
+        if fields.len() >= 6
+            && fields[1] == "FLOCK"
+            && fields[5].rsplit(':').next() == Some(inode.as_str())
+        {
+            let pid = fields[4];
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| {
+                    String::from_utf8_lossy(&b)
+                        .replace('\0', " ")
+                        .trim()
+                        .to_string()
+                })
+                .unwrap_or_default();
+            return format!("held by pid {pid} {}: {cmdline}", comm.trim());
+        }
+    }
+    "holder unknown".into()
+}
+
 fn out_of_range(offset: u64, len: usize, size: usize) -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
@@ -194,7 +241,8 @@ impl BlockDevice for MemDevice {
         self.data.len() as u64
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| out_of_range(offset, buf.len(), self.data.len()))?;
+        let start = usize::try_from(offset)
+            .map_err(|_| out_of_range(offset, buf.len(), self.data.len()))?;
         let src = start
             .checked_add(buf.len())
             .and_then(|end| self.data.get(start..end))

@@ -128,8 +128,11 @@ pub fn read_record<D: crate::blockdev::BlockDevice>(
         return None;
     }
     let mut block = vec![0u8; RECORD_BYTES as usize];
-    dev.read_at(&mut block, slot.offset_bytes(sector_size) + size - RECORD_BYTES)
-        .ok()?;
+    dev.read_at(
+        &mut block,
+        slot.offset_bytes(sector_size) + size - RECORD_BYTES,
+    )
+    .ok()?;
     SlotRecord::decode(&block)
 }
 
@@ -154,7 +157,8 @@ mod tests {
         assert_eq!(block.len(), 4096);
         assert_eq!(SlotRecord::decode(&block), Some(rec));
         assert_eq!(SlotRecord::decode(&[0u8; 4096]), None);
-        for i in 0..80 {
+        let used = 8 + 4 + 8 + 32 + 2 + 5 + 2 + 11 + 4;
+        for i in 0..used {
             let mut torn = block.clone();
             torn[i] ^= 0x10;
             assert_eq!(SlotRecord::decode(&torn), None, "flip at {i} accepted");

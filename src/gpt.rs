@@ -197,13 +197,31 @@ impl Header {
     le_field!(header_size, u32, 12, "Bytes covered by the header CRC.");
     le_field!(header_crc, set_header_crc, u32, 16, "Stored header CRC32.");
     le_field!(my_lba, set_my_lba, u64, 24, "LBA of this header.");
-    le_field!(alternate_lba, set_alternate_lba, u64, 32, "LBA of the other header.");
+    le_field!(
+        alternate_lba,
+        set_alternate_lba,
+        u64,
+        32,
+        "LBA of the other header."
+    );
     le_field!(first_usable_lba, u64, 40, "First LBA usable by partitions.");
     le_field!(last_usable_lba, u64, 48, "Last LBA usable by partitions.");
-    le_field!(entries_lba, set_entries_lba, u64, 72, "First LBA of the entry array.");
+    le_field!(
+        entries_lba,
+        set_entries_lba,
+        u64,
+        72,
+        "First LBA of the entry array."
+    );
     le_field!(num_entries, u32, 80, "Number of entries in the array.");
     le_field!(entry_size, u32, 84, "Size of one entry in bytes.");
-    le_field!(entries_crc, set_entries_crc, u32, 88, "Stored CRC32 of the entry array.");
+    le_field!(
+        entries_crc,
+        set_entries_crc,
+        u32,
+        88,
+        "Stored CRC32 of the entry array."
+    );
 
     /// The disk GUID.
     pub fn disk_guid(&self) -> Uuid {
@@ -327,22 +345,33 @@ pub struct CopyHealth {
     pub problem: Option<String>,
 }
 
-fn read_sectors<D: BlockDevice>(dev: &mut D, lba: u64, bytes: usize) -> Result<Vec<u8>, CopyProblem> {
+fn read_sectors<D: BlockDevice>(
+    dev: &mut D,
+    lba: u64,
+    bytes: usize,
+) -> Result<Vec<u8>, CopyProblem> {
     let sector = u64::from(dev.sector_size());
     let mut buf = vec![0u8; bytes];
-    let offset = lba.checked_mul(sector).ok_or_else(|| CopyProblem::Unreadable {
-        lba,
-        error: "offset overflows".into(),
-    })?;
-    dev.read_at(&mut buf, offset).map_err(|e| CopyProblem::Unreadable {
-        lba,
-        error: e.to_string(),
-    })?;
+    let offset = lba
+        .checked_mul(sector)
+        .ok_or_else(|| CopyProblem::Unreadable {
+            lba,
+            error: "offset overflows".into(),
+        })?;
+    dev.read_at(&mut buf, offset)
+        .map_err(|e| CopyProblem::Unreadable {
+            lba,
+            error: e.to_string(),
+        })?;
     Ok(buf)
 }
 
 /// Reads and validates the copy whose header is at `lba`.
-fn read_copy<D: BlockDevice>(dev: &mut D, lba: u64, disk_sectors: u64) -> Result<Copy, CopyProblem> {
+fn read_copy<D: BlockDevice>(
+    dev: &mut D,
+    lba: u64,
+    disk_sectors: u64,
+) -> Result<Copy, CopyProblem> {
     let sector_size = dev.sector_size();
     let sector = read_sectors(dev, lba, sector_size as usize)?;
     if &sector[..8] != SIGNATURE {
@@ -383,7 +412,9 @@ fn read_copy<D: BlockDevice>(dev: &mut D, lba: u64, disk_sectors: u64) -> Result
     }
     let array_sectors = array_bytes.div_ceil(u64::from(sector_size));
     let start = header.entries_lba();
-    let end = start.checked_add(array_sectors).ok_or_else(|| bad("entry array LBA overflows".into()))?;
+    let end = start
+        .checked_add(array_sectors)
+        .ok_or_else(|| bad("entry array LBA overflows".into()))?;
     if start < 2 || end > disk_sectors || (start..end).contains(&lba) {
         return Err(bad(format!(
             "entry array at LBA {start}..{end} lies outside the {disk_sectors}-sector disk or over its header"
@@ -396,7 +427,11 @@ fn read_copy<D: BlockDevice>(dev: &mut D, lba: u64, disk_sectors: u64) -> Result
             "usable range {first}..={last} does not fit the {disk_sectors}-sector disk"
         )));
     }
-    let mut entries = read_sectors(dev, start, (array_sectors * u64::from(sector_size)) as usize)?;
+    let mut entries = read_sectors(
+        dev,
+        start,
+        (array_sectors * u64::from(sector_size)) as usize,
+    )?;
     entries.truncate(array_bytes as usize);
     let computed = crc32fast::hash(&entries);
     if computed != header.entries_crc() {
@@ -497,7 +532,8 @@ impl Gpt {
     pub fn health(&self) -> Vec<CopyHealth> {
         let primary_lba = 1;
         let backup_lba = self.backup_header_lba();
-        let stale_backup = self.primary.is_ok() && self.backup.is_ok() && !self.backup_matches_current();
+        let stale_backup =
+            self.primary.is_ok() && self.backup.is_ok() && !self.backup_matches_current();
         vec![
             CopyHealth {
                 copy: Which::Primary,
@@ -536,7 +572,9 @@ impl Gpt {
     /// Builds the header for `which` copy describing `entries`, based on the in-use header.
     fn header_for(&self, which: Which, entries: &[u8]) -> Header {
         let base = self.current().header.clone();
-        let array_sectors = base.entry_array_bytes().div_ceil(u64::from(self.sector_size));
+        let array_sectors = base
+            .entry_array_bytes()
+            .div_ceil(u64::from(self.sector_size));
         let backup_lba = self.backup_header_lba();
         let mut h = base;
         match which {
@@ -576,10 +614,17 @@ impl Gpt {
 
     /// Writes one copy: the entry-array sectors that differ from what that copy holds (all of
     /// them if it is not valid), then the header sector, then a flush. Returns bytes written.
-    fn write_copy<D: BlockDevice>(&self, dev: &mut D, which: Which, entries: &[u8]) -> Result<u64, GptError> {
+    fn write_copy<D: BlockDevice>(
+        &self,
+        dev: &mut D,
+        which: Which,
+        entries: &[u8],
+    ) -> Result<u64, GptError> {
         let header = self.header_for(which, entries);
         let sector = self.sector_size as usize;
-        let old = self.copy(which).filter(|c| c.header.entries_lba() == header.entries_lba());
+        let old = self
+            .copy(which)
+            .filter(|c| c.header.entries_lba() == header.entries_lba());
         let mut written = 0u64;
         let mut padded = entries.to_vec();
         padded.resize(entries.len().div_ceil(sector) * sector, 0);
@@ -605,11 +650,12 @@ impl Gpt {
         // Keep the sector's bytes beyond header_size as they were (zero by spec).
         let _ = dev.read_at(&mut header_sector, offset);
         header_sector[..header.raw.len()].copy_from_slice(&header.raw);
-        dev.write_at(&header_sector, offset).map_err(|source| GptError::Io {
-            what: "writing GPT header",
-            offset,
-            source,
-        })?;
+        dev.write_at(&header_sector, offset)
+            .map_err(|source| GptError::Io {
+                what: "writing GPT header",
+                offset,
+                source,
+            })?;
         written += sector as u64;
         dev.flush().map_err(|source| GptError::Io {
             what: "flushing GPT write",
@@ -663,7 +709,11 @@ impl Gpt {
 
     /// Writes a new entry array to both copies in the order documented on
     /// [`Gpt::write_attributes`], then updates `self` to the new state.
-    pub fn write_entries<D: BlockDevice>(&mut self, dev: &mut D, entries: Vec<u8>) -> Result<u64, GptError> {
+    pub fn write_entries<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        entries: Vec<u8>,
+    ) -> Result<u64, GptError> {
         let mut written = 0;
         let old = self.current().entries.clone();
         if self.primary.is_ok() && !self.backup_matches_current() {
@@ -719,18 +769,18 @@ mod tests {
             h[0..8].copy_from_slice(SIGNATURE);
             h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
             h[12..16].copy_from_slice(&92u32.to_le_bytes());
-            h[24..32].copy_from_slice(&(my as u64).to_le_bytes());
-            h[32..40].copy_from_slice(&(alt as u64).to_le_bytes());
+            h[24..32].copy_from_slice(&my.to_le_bytes());
+            h[32..40].copy_from_slice(&alt.to_le_bytes());
             h[40..48].copy_from_slice(&(2 + array_sectors).to_le_bytes());
             h[48..56].copy_from_slice(&(last - array_sectors - 1).to_le_bytes());
-            h[72..80].copy_from_slice(&(elba as u64).to_le_bytes());
+            h[72..80].copy_from_slice(&elba.to_le_bytes());
             h[80..84].copy_from_slice(&128u32.to_le_bytes());
             h[84..88].copy_from_slice(&128u32.to_le_bytes());
             h[88..92].copy_from_slice(&crc32fast::hash(&entries).to_le_bytes());
             let crc = crc32fast::hash(&h);
             h[16..20].copy_from_slice(&crc.to_le_bytes());
-            dev.write_at(&h, my as u64 * ss as u64).unwrap();
-            dev.write_at(&entries, elba as u64 * ss as u64).unwrap();
+            dev.write_at(&h, my * ss as u64).unwrap();
+            dev.write_at(&entries, elba * ss as u64).unwrap();
         }
         dev
     }
@@ -741,7 +791,12 @@ mod tests {
             let mut dev = mem_disk(ss, 200);
             let gpt = Gpt::read(&mut dev).unwrap();
             assert!(gpt.is_consistent());
-            let names: Vec<_> = gpt.entries().into_iter().filter(|e| e.is_used()).map(|e| e.name).collect();
+            let names: Vec<_> = gpt
+                .entries()
+                .into_iter()
+                .filter(|e| e.is_used())
+                .map(|e| e.name)
+                .collect();
             assert_eq!(names, ["ROOT-A", "ROOT-B"]);
         }
     }
@@ -763,11 +818,12 @@ mod tests {
                 (Which::Primary, 2 * ssz, 128 * 128),
                 (Which::Backup, (last - array_sectors) * ssz, 128 * 128),
             ];
+            let mut dev = pristine.clone();
             for (damaged, start, len) in regions {
                 for bit in 0..len * 8 {
-                    let mut dev = pristine.clone();
                     dev.data[start + bit / 8] ^= 1 << (bit % 8);
                     let gpt = Gpt::read(&mut dev).unwrap();
+                    dev.data[start + bit / 8] ^= 1 << (bit % 8);
                     let expected_in_use = match damaged {
                         Which::Primary => Which::Backup,
                         Which::Backup => Which::Primary,
@@ -798,16 +854,25 @@ mod tests {
         let mut dev = mem_disk(512, 200);
         let before = dev.data.clone();
         let mut gpt = Gpt::read(&mut dev).unwrap();
-        let written = gpt.write_attributes(&mut dev, &[(1, 0x0102_0000_0000_0000)]).unwrap();
+        let written = gpt
+            .write_attributes(&mut dev, &[(1, 0x0102_0000_0000_0000)])
+            .unwrap();
         // One entry sector and one header sector per copy.
         assert_eq!(written, 4 * 512);
-        let diffs: Vec<usize> = (0..before.len()).filter(|&i| before[i] != dev.data[i]).collect();
+        let diffs: Vec<usize> = (0..before.len())
+            .filter(|&i| before[i] != dev.data[i])
+            .collect();
         for i in diffs {
-            let in_primary_header = (512 + 16..512 + 20).contains(&i) || (512 + 88..512 + 92).contains(&i);
-            let in_backup_header = (199 * 512 + 16..199 * 512 + 20).contains(&i) || (199 * 512 + 88..199 * 512 + 92).contains(&i);
+            let in_primary_header =
+                (512 + 16..512 + 20).contains(&i) || (512 + 88..512 + 92).contains(&i);
+            let in_backup_header = (199 * 512 + 16..199 * 512 + 20).contains(&i)
+                || (199 * 512 + 88..199 * 512 + 92).contains(&i);
             let entry_attr = |base: usize| (base + 128 + 48..base + 128 + 56).contains(&i);
             assert!(
-                in_primary_header || in_backup_header || entry_attr(1024) || entry_attr((199 - 32) * 512),
+                in_primary_header
+                    || in_backup_header
+                    || entry_attr(1024)
+                    || entry_attr((199 - 32) * 512),
                 "unexpected change at byte {i}"
             );
         }
@@ -816,7 +881,11 @@ mod tests {
         assert_eq!(reread.entries()[1].attributes, 0x0102_0000_0000_0000);
         // Unchanged attributes write nothing.
         let mut gpt = reread;
-        assert_eq!(gpt.write_attributes(&mut dev, &[(1, 0x0102_0000_0000_0000)]).unwrap(), 0);
+        assert_eq!(
+            gpt.write_attributes(&mut dev, &[(1, 0x0102_0000_0000_0000)])
+                .unwrap(),
+            0
+        );
     }
 
     #[test]
@@ -828,7 +897,10 @@ mod tests {
             assert!(!gpt.is_consistent());
             gpt.write_attributes(&mut dev, &[(0, 1 << 56)]).unwrap();
             let reread = Gpt::read(&mut dev).unwrap();
-            assert!(reread.is_consistent(), "damage at {damaged_offset} not repaired");
+            assert!(
+                reread.is_consistent(),
+                "damage at {damaged_offset} not repaired"
+            );
             assert_eq!(reread.entries()[0].attributes, 1 << 56);
         }
     }

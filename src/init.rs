@@ -53,8 +53,12 @@ impl InitSpec {
 
     /// The disk size that will be used.
     pub fn effective_disk_size(&self) -> u64 {
-        self.disk_size
-            .unwrap_or(ALIGN_BYTES + 2 * self.slot_size.next_multiple_of(ALIGN_BYTES) + DEFAULT_SPARE_BYTES + ALIGN_BYTES)
+        self.disk_size.unwrap_or(
+            ALIGN_BYTES
+                + 2 * self.slot_size.next_multiple_of(ALIGN_BYTES)
+                + DEFAULT_SPARE_BYTES
+                + ALIGN_BYTES,
+        )
     }
 }
 
@@ -100,14 +104,23 @@ pub enum InitError {
 /// successful with priority 2 (like fastboot's ACTIVE), B is empty and unbootable (P0 T0 S0).
 pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> {
     let p = path.display().to_string();
-    let io = |source| InitError::Io { path: p.clone(), source };
+    let io = |source| InitError::Io {
+        path: p.clone(),
+        source,
+    };
     if spec.slot_size == 0 {
-        return Err(InitError::Invalid("slot size must be greater than zero".into()));
+        return Err(InitError::Invalid(
+            "slot size must be greater than zero".into(),
+        ));
     }
     let block = match spec.sector_size {
         512 => LogicalBlockSize::Lb512,
         4096 => LogicalBlockSize::Lb4096,
-        other => return Err(InitError::Invalid(format!("sector size {other} (use 512 or 4096)"))),
+        other => {
+            return Err(InitError::Invalid(format!(
+                "sector size {other} (use 512 or 4096)"
+            )))
+        }
     };
     let uuid = uuid::Uuid::from_str(&spec.type_guid)
         .map_err(|e| InitError::Invalid(format!("type GUID {}: {e}", spec.type_guid)))?;
@@ -133,7 +146,10 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 InitError::Exists { path: p.clone() }
             } else {
-                InitError::Io { path: p.clone(), source: e }
+                InitError::Io {
+                    path: p.clone(),
+                    source: e,
+                }
             }
         })?;
     let result = (|| {
@@ -142,7 +158,8 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
             path: p.clone(),
             message: e.to_string(),
         };
-        let mbr = ProtectiveMBR::with_lb_size(u32::try_from(disk_size / ss - 1).unwrap_or(0xFFFF_FFFF));
+        let mbr =
+            ProtectiveMBR::with_lb_size(u32::try_from(disk_size / ss - 1).unwrap_or(0xFFFF_FFFF));
         mbr.overwrite_lba0(&mut file).map_err(|e| InitError::Gpt {
             path: p.clone(),
             message: e.to_string(),
@@ -159,8 +176,15 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
         let a = SlotAttributes::new(2, 0, true).raw();
         let b = SlotAttributes::new(0, 0, false).raw();
         let b_start = align + slot_sectors.next_multiple_of(align);
-        disk.add_partition_at(&spec.labels[0], 1, align, slot_sectors, part_type.clone(), a)
-            .map_err(gpt_err)?;
+        disk.add_partition_at(
+            &spec.labels[0],
+            1,
+            align,
+            slot_sectors,
+            part_type.clone(),
+            a,
+        )
+        .map_err(gpt_err)?;
         disk.add_partition_at(&spec.labels[1], 2, b_start, slot_sectors, part_type, b)
             .map_err(gpt_err)?;
         disk.write_inplace().map_err(gpt_err)?;
@@ -200,7 +224,10 @@ mod tests {
             assert!(slots[0].size_bytes(ss) >= 8 << 20);
             assert_eq!(slots[0].offset_bytes(ss), ALIGN_BYTES);
             // Refuses to overwrite.
-            assert!(matches!(create_disk_image(&path, &spec), Err(InitError::Exists { .. })));
+            assert!(matches!(
+                create_disk_image(&path, &spec),
+                Err(InitError::Exists { .. })
+            ));
         }
     }
 }

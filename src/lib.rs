@@ -7,12 +7,19 @@
 //! - [`gpt`]: reading both GPT copies and the crash-safe in-place attribute writer.
 //! - [`slots`]: finding the A/B slots on a disk and reporting their state.
 //! - [`init`]: creating a fresh file-backed A/B disk.
+//! - [`footer`]: the per-slot record of what is installed (version, image hash).
+//! - [`running`]: finding the running slot.
+//! - [`boot`]: the boot-time hook.
+//! - [`commit`]: the post-boot health commit and manual slot operations.
+//! - [`exit`]: the CLI's documented exit codes.
 //! - [`bundle`]: the signed, chunked, zstd-compressed update bundle format.
 //! - [`sys`]: the only module with `unsafe` (ioctls, flock, aligned buffers).
 
 pub mod attrs;
 pub mod blockdev;
+pub mod boot;
 pub mod bundle;
+pub mod commit;
 pub mod exit;
 pub mod footer;
 pub mod gpt;

@@ -14,7 +14,11 @@ use abupdate::slots::{AbDisk, DEFAULT_LABELS};
 use abupdate::{footer, running};
 
 #[derive(Parser)]
-#[command(name = "abupdate", version, about = "A/B root partition updates for GPT disks")]
+#[command(
+    name = "abupdate",
+    version,
+    about = "A/B root partition updates for GPT disks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,6 +54,100 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Boot-time hook: choose the slot to boot, spend a try, print what to mount.
+    Boot {
+        #[command(flatten)]
+        disk: DiskArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "env")]
+        format: BootFormat,
+    },
+    /// Mark a slot (default: the running one) good: successful, no tries, boots next.
+    MarkGood {
+        #[command(flatten)]
+        disk: DiskArgs,
+        #[command(flatten)]
+        slot: SlotArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark a slot (default: the running one) bad: priority 0, tries 0, not successful.
+    MarkBad {
+        #[command(flatten)]
+        disk: DiskArgs,
+        #[command(flatten)]
+        slot: SlotArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the other slot boot next, only if it is marked successful.
+    Rollback {
+        #[command(flatten)]
+        disk: DiskArgs,
+        /// The running slot, when it cannot be detected.
+        #[arg(long)]
+        slot: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Post-boot health commit: run checks, then mark the running slot good or bad.
+    Commit {
+        #[command(flatten)]
+        disk: DiskArgs,
+        #[command(flatten)]
+        slot: SlotArg,
+        /// A health check command (run with sh -c; exit 0 = healthy). Repeatable.
+        #[arg(long = "check")]
+        checks: Vec<String>,
+        /// Seconds each check may run before it counts as failed.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Reboot when a check failed (after marking the slot bad).
+        #[arg(long)]
+        reboot: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Low-level: set a slot's cgpt attributes directly (like `cgpt add -P -T -S`).
+    SetAttributes {
+        #[command(flatten)]
+        disk: DiskArgs,
+        /// Slot label or letter.
+        #[arg(long)]
+        slot: String,
+        /// Priority 0-15.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=15))]
+        priority: Option<u8>,
+        /// Tries 0-15.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=15))]
+        tries: Option<u8>,
+        /// Successful flag 0 or 1.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=1))]
+        successful: Option<u8>,
+    },
+}
+
+/// Output format of the boot hook.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BootFormat {
+    /// Shell `KEY=value` lines to `eval`.
+    Env,
+    /// One JSON object.
+    Json,
+    /// `root=PARTUUID=… abupdate.slot=…`.
+    Cmdline,
+}
+
+/// Names the slot an operation applies to.
+#[derive(Args, Clone)]
+struct SlotArg {
+    /// Slot label or letter (A, B); default: the running slot.
+    #[arg(long)]
+    slot: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -79,7 +177,10 @@ enum DiskCommand {
 /// Parses `123`, `4K`, `64M`, `1G`, `2T` (binary units; a trailing `iB` or `B` is accepted).
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, shift) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 10),
         Some('M' | 'm') => (&t[..t.len() - 1], 20),
@@ -87,14 +188,115 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some('T' | 't') => (&t[..t.len() - 1], 40),
         _ => (t, 0),
     };
-    let n: u64 = num.trim().parse().map_err(|_| format!("invalid size {s:?}"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn open_disk(args: &DiskArgs, writable: bool) -> Result<AbDisk<FileDevice>> {
     let dev = FileDevice::open(&args.disk, writable, args.sector_size)?;
     let disk = AbDisk::open(dev, &args.disk.display().to_string(), &args.labels)?;
     Ok(disk)
+}
+
+/// Opens the disk writable and takes the abupdate lock.
+fn open_disk_locked(args: &DiskArgs) -> Result<AbDisk<FileDevice>> {
+    let dev = FileDevice::open(&args.disk, true, args.sector_size)?;
+    dev.lock()?;
+    Ok(AbDisk::open(
+        dev,
+        &args.disk.display().to_string(),
+        &args.labels,
+    )?)
+}
+
+/// The slot named by `--slot`, else the detected running slot.
+fn target_slot(disk: &AbDisk<FileDevice>, args: &DiskArgs, slot: Option<&str>) -> Result<usize> {
+    let slots = disk.slots()?;
+    if let Some(name) = slot {
+        return Ok(disk.slot_index(&slots, name)?);
+    }
+    running::detect(&args.disk, disk.dev.is_block_device(), &slots)
+        .map(|(i, _)| i)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot tell which slot of {} is running (not in /proc/cmdline, {}, or the root device): pass --slot",
+                args.disk.display(),
+                running::MARKER_FILE
+            )
+        })
+}
+
+fn print_change(change: &abupdate::commit::SlotChange, verb: &str, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(change)?);
+    } else if change.bytes_written == 0 {
+        println!(
+            "{}: {} already {} ({}); nothing written",
+            verb, change.slot, change.after, verb
+        );
+    } else {
+        println!(
+            "{}: {} {} -> {}",
+            verb, change.slot, change.before, change.after
+        );
+    }
+    Ok(())
+}
+
+fn boot_hook(args: &DiskArgs, format: BootFormat) -> Result<()> {
+    let mut disk = open_disk_locked(args)?;
+    let decision = abupdate::boot::boot(&mut disk, &args.disk)?;
+    match format {
+        BootFormat::Env => print!("{}", decision.to_env()),
+        BootFormat::Json => println!("{}", serde_json::to_string(&decision)?),
+        BootFormat::Cmdline => println!("{}", decision.to_cmdline()),
+    }
+    Ok(())
+}
+
+fn commit_cmd(
+    args: &DiskArgs,
+    slot: Option<&str>,
+    checks: &[String],
+    timeout: u64,
+    reboot: bool,
+    json: bool,
+) -> Result<()> {
+    let mut disk = open_disk_locked(args)?;
+    let index = target_slot(&disk, args, slot)?;
+    let result = abupdate::commit::commit(
+        &mut disk,
+        index,
+        checks,
+        std::time::Duration::from_secs(timeout),
+        |check, outcome| {
+            if !json {
+                eprintln!("check {check}: {outcome}");
+            }
+        },
+    );
+    match result {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_change(&report.change, "mark-good", false)?;
+            }
+            Ok(())
+        }
+        Err(err) => {
+            if reboot {
+                eprintln!("abupdate: error: {err}");
+                eprintln!("abupdate: rebooting");
+                let _ = std::process::Command::new("reboot").status();
+            }
+            Err(err.into())
+        }
+    }
 }
 
 fn status(args: &DiskArgs, running_name: Option<&str>, json: bool) -> Result<()> {
@@ -108,7 +310,8 @@ fn status(args: &DiskArgs, running_name: Option<&str>, json: bool) -> Result<()>
     let sector_size = disk.gpt.sector_size();
     for (i, slot) in slots.iter().enumerate() {
         report.slots[i].running = running == Some(i);
-        report.slots[i].version = footer::read_record(&mut disk.dev, slot, sector_size).map(|r| r.version);
+        report.slots[i].version =
+            footer::read_record(&mut disk.dev, slot, sector_size).map(|r| r.version);
     }
     report.running = running.map(|i| slots[i].name.clone());
     if json {
@@ -148,7 +351,67 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Status { disk, running, json } => status(&disk, running.as_deref(), json),
+        Command::Status {
+            disk,
+            running,
+            json,
+        } => status(&disk, running.as_deref(), json),
+        Command::Boot { disk, format } => boot_hook(&disk, format),
+        Command::MarkGood { disk, slot, json } => {
+            let mut ab = open_disk_locked(&disk)?;
+            let index = target_slot(&ab, &disk, slot.slot.as_deref())?;
+            let change = abupdate::commit::mark_good(&mut ab, index)?;
+            print_change(&change, "mark-good", json)
+        }
+        Command::MarkBad { disk, slot, json } => {
+            let mut ab = open_disk_locked(&disk)?;
+            let index = target_slot(&ab, &disk, slot.slot.as_deref())?;
+            let change = abupdate::commit::mark_bad(&mut ab, index)?;
+            print_change(&change, "mark-bad", json)
+        }
+        Command::Rollback { disk, slot, json } => {
+            let mut ab = open_disk_locked(&disk)?;
+            let running = target_slot(&ab, &disk, slot.as_deref())?;
+            let change = abupdate::commit::rollback(&mut ab, running)?;
+            print_change(&change, "rollback", json)
+        }
+        Command::Commit {
+            disk,
+            slot,
+            checks,
+            timeout,
+            reboot,
+            json,
+        } => commit_cmd(&disk, slot.slot.as_deref(), &checks, timeout, reboot, json),
+        Command::SetAttributes {
+            disk,
+            slot,
+            priority,
+            tries,
+            successful,
+        } => {
+            let mut ab = open_disk_locked(&disk)?;
+            let slots = ab.slots()?;
+            let index = ab.slot_index(&slots, &slot)?;
+            let mut new: Vec<_> = slots.iter().map(|s| s.attrs).collect();
+            let mut a = new[index];
+            if let Some(p) = priority {
+                a = a.with_priority(p);
+            }
+            if let Some(t) = tries {
+                a = a.with_tries(t);
+            }
+            if let Some(s) = successful {
+                a = a.with_successful(s == 1);
+            }
+            new[index] = a;
+            let written = ab.write_slot_attributes(&slots, &new)?;
+            println!(
+                "{}: {} -> {} ({} bytes written)",
+                slots[index].name, slots[index].attrs, a, written
+            );
+            Ok(())
+        }
     }
 }
 
@@ -192,8 +455,25 @@ fn classify(err: &anyhow::Error) -> Exit {
                 _ => Exit::Disk,
             };
         }
-        if cause.downcast_ref::<GptError>().is_some() || cause.downcast_ref::<SlotError>().is_some() {
+        if cause.downcast_ref::<GptError>().is_some() || cause.downcast_ref::<SlotError>().is_some()
+        {
             return Exit::Disk;
+        }
+        if let Some(e) = cause.downcast_ref::<abupdate::boot::BootError>() {
+            return match e {
+                abupdate::boot::BootError::NoBootableSlot { .. } => Exit::NoBootableSlot,
+                abupdate::boot::BootError::Slot(_) => Exit::Disk,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<abupdate::commit::CommitError>() {
+            match e {
+                abupdate::commit::CommitError::CheckFailed { .. } => {
+                    return Exit::HealthCheckFailed
+                }
+                abupdate::commit::CommitError::RollbackRefused { .. } => return Exit::Refused,
+                abupdate::commit::CommitError::Slot(_) => return Exit::Disk,
+                abupdate::commit::CommitError::NotTwoSlots(_) => return Exit::Disk,
+            }
         }
         if let Some(exit) = abupdate::exit::classify_error(cause) {
             return exit;

@@ -51,7 +51,11 @@ pub fn from_cmdline(cmdline: &str, slots: &[Slot]) -> Option<(usize, RunningSour
 
 /// Finds the running slot on this machine, for the disk at `disk_path`. `None` when the disk
 /// is not the one the system runs from (e.g. a disk image being prepared).
-pub fn detect(disk_path: &Path, disk_is_block_device: bool, slots: &[Slot]) -> Option<(usize, RunningSource)> {
+pub fn detect(
+    disk_path: &Path,
+    disk_is_block_device: bool,
+    slots: &[Slot],
+) -> Option<(usize, RunningSource)> {
     if let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") {
         if let Some(found) = from_cmdline(&cmdline, slots) {
             return Some(found);
@@ -67,10 +71,12 @@ pub fn detect(disk_path: &Path, disk_is_block_device: bool, slots: &[Slot]) -> O
         }
     }
     let root_dev = std::fs::metadata("/").ok()?.dev();
-    slots.iter().position(|s| {
-        std::fs::metadata(partition_device_path(disk_path, s.partition()))
-            .map(|m| m.rdev() == root_dev)
-            .unwrap_or(false)
-    })
-    .map(|i| (i, RunningSource::RootDevice))
+    slots
+        .iter()
+        .position(|s| {
+            std::fs::metadata(partition_device_path(disk_path, s.partition()))
+                .map(|m| m.rdev() == root_dev)
+                .unwrap_or(false)
+        })
+        .map(|i| (i, RunningSource::RootDevice))
 }

@@ -96,7 +96,11 @@ fn top_priority(slots: &[SlotAttributes], index: usize) -> u8 {
 /// target cannot go above them (another holds 15) are the others' non-zero priorities shifted
 /// down by one, which never turns a bootable slot unbootable (a priority of 1 stays 1 and
 /// the target goes to 2 at least).
-pub fn prioritize(slots: &[SlotAttributes], index: usize, base: SlotAttributes) -> Vec<SlotAttributes> {
+pub fn prioritize(
+    slots: &[SlotAttributes],
+    index: usize,
+    base: SlotAttributes,
+) -> Vec<SlotAttributes> {
     let mut out = slots.to_vec();
     out[index] = base;
     let others_max = out
@@ -124,7 +128,11 @@ pub fn invalidate(attrs: SlotAttributes) -> SlotAttributes {
 }
 
 /// Install final step: the freshly verified slot boots next, on probation with `tries` tries.
-pub fn activate_for_trial(slots: &[SlotAttributes], index: usize, tries: u8) -> Vec<SlotAttributes> {
+pub fn activate_for_trial(
+    slots: &[SlotAttributes],
+    index: usize,
+    tries: u8,
+) -> Vec<SlotAttributes> {
     let base = slots[index]
         .with_tries(tries.clamp(1, FIELD_MAX))
         .with_successful(false);
@@ -163,7 +171,10 @@ pub enum RollbackRefusal {
 }
 
 /// Makes slot `index` (the other slot) boot next, only if it is known good.
-pub fn rollback_to(slots: &[SlotAttributes], index: usize) -> Result<Vec<SlotAttributes>, RollbackRefusal> {
+pub fn rollback_to(
+    slots: &[SlotAttributes],
+    index: usize,
+) -> Result<Vec<SlotAttributes>, RollbackRefusal> {
     let target = slots[index];
     if !target.successful() {
         return Err(RollbackRefusal::NotSuccessful);
@@ -231,7 +242,10 @@ mod tests {
 
     #[test]
     fn last_try_still_boots_but_leaves_p0() {
-        let slots = [SlotAttributes::new(1, 0, true), SlotAttributes::new(2, 1, false)];
+        let slots = [
+            SlotAttributes::new(1, 0, true),
+            SlotAttributes::new(2, 1, false),
+        ];
         let choice = boot_attempt(&slots).unwrap();
         assert_eq!(choice.index, 1);
         assert_eq!(choice.updated, SlotAttributes::new(0, 0, false));

@@ -147,7 +147,10 @@ impl<D: BlockDevice> AbDisk<D> {
         let disk_last = self.dev.len() / u64::from(self.dev.sector_size()) - 1;
         let mut slots = Vec::new();
         for label in &self.labels {
-            let matches: Vec<&Entry> = entries.iter().filter(|e| e.is_used() && &e.name == label).collect();
+            let matches: Vec<&Entry> = entries
+                .iter()
+                .filter(|e| e.is_used() && &e.name == label)
+                .collect();
             match matches.as_slice() {
                 [] => {
                     return Err(SlotError::Missing {
@@ -174,7 +177,11 @@ impl<D: BlockDevice> AbDisk<D> {
                 many => {
                     return Err(SlotError::Duplicate {
                         label: label.clone(),
-                        partitions: many.iter().map(|e| e.number().to_string()).collect::<Vec<_>>().join(", "),
+                        partitions: many
+                            .iter()
+                            .map(|e| e.number().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         disk: self.name.clone(),
                     })
                 }
@@ -202,7 +209,11 @@ impl<D: BlockDevice> AbDisk<D> {
 
     /// Writes new attributes for the slots (same order as [`AbDisk::slots`]) crash-safely.
     /// Returns the bytes written; 0 when nothing changed.
-    pub fn write_slot_attributes(&mut self, slots: &[Slot], new: &[SlotAttributes]) -> Result<u64, SlotError> {
+    pub fn write_slot_attributes(
+        &mut self,
+        slots: &[Slot],
+        new: &[SlotAttributes],
+    ) -> Result<u64, SlotError> {
         let changes: Vec<(usize, u64)> = slots
             .iter()
             .zip(new)
@@ -294,7 +305,11 @@ pub struct Status {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "disk {} ({}-byte sectors, GUID {})", self.disk, self.sector_size, self.disk_guid)?;
+        writeln!(
+            f,
+            "disk {} ({}-byte sectors, GUID {})",
+            self.disk, self.sector_size, self.disk_guid
+        )?;
         for s in &self.slots {
             let mut marks = Vec::new();
             if s.next_boot {
@@ -337,8 +352,17 @@ mod tests {
 
     #[test]
     fn partition_paths() {
-        assert_eq!(partition_device_path(Path::new("/dev/vda"), 2), PathBuf::from("/dev/vda2"));
-        assert_eq!(partition_device_path(Path::new("/dev/loop3"), 1), PathBuf::from("/dev/loop3p1"));
-        assert_eq!(partition_device_path(Path::new("/dev/nvme0n1"), 1), PathBuf::from("/dev/nvme0n1p1"));
+        assert_eq!(
+            partition_device_path(Path::new("/dev/vda"), 2),
+            PathBuf::from("/dev/vda2")
+        );
+        assert_eq!(
+            partition_device_path(Path::new("/dev/loop3"), 1),
+            PathBuf::from("/dev/loop3p1")
+        );
+        assert_eq!(
+            partition_device_path(Path::new("/dev/nvme0n1"), 1),
+            PathBuf::from("/dev/nvme0n1p1")
+        );
     }
 }

@@ -16,7 +16,13 @@ const BLKRRPART: libc::c_ulong = 0x125f;
 pub fn logical_sector_size(file: &File) -> io::Result<u32> {
     let mut size: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one c_int through the pointer, which points to a live local.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET as _, &mut size as *mut libc::c_int) };
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            BLKSSZGET as _,
+            &mut size as *mut libc::c_int,
+        )
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -1,0 +1,119 @@
+//! The boot-time hook: choose the slot with cgptlib's rules, spend its try, persist it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::attrs::SlotAttributes;
+use crate::blockdev::BlockDevice;
+use crate::footer::{self, SlotRecord};
+use crate::select;
+use crate::slots::{partition_device_path, AbDisk, Slot, SlotError};
+
+/// Errors of the boot hook.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// Reading or writing the slots failed.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// No slot has priority > 0 and (successful or tries > 0).
+    #[error("no bootable slot on {disk}: {states}")]
+    NoBootableSlot {
+        /// The disk.
+        disk: String,
+        /// Each slot's state, e.g. `ROOT-A P0 T0 S0, ROOT-B P0 T0 S0`.
+        states: String,
+    },
+}
+
+/// What the hook decided, for the initramfs.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootDecision {
+    /// Slot label.
+    pub slot: String,
+    /// 1-based partition number.
+    pub partition: u32,
+    /// Partition device path (`/dev/vda2`).
+    pub device: PathBuf,
+    /// Unique partition GUID.
+    pub partuuid: String,
+    /// Installed version, when the slot has a record.
+    pub version: Option<String>,
+    /// Attributes before this boot.
+    pub before: String,
+    /// Attributes after spending the try.
+    pub after: String,
+    /// Whether this boot is a trial of an unverified slot (not yet successful).
+    pub trial: bool,
+    /// Tries left after this boot.
+    pub tries_left: u8,
+    /// Bytes written to the GPT (0 for a successful slot).
+    pub bytes_written: u64,
+}
+
+/// Runs the boot hook on `disk` (opened writable): chooses, spends a try, writes crash-safely.
+pub fn boot<D: BlockDevice>(
+    disk: &mut AbDisk<D>,
+    disk_path: &Path,
+) -> Result<BootDecision, BootError> {
+    let slots = disk.slots()?;
+    let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
+    let Some(choice) = select::boot_attempt(&attrs) else {
+        return Err(BootError::NoBootableSlot {
+            disk: disk.name().to_string(),
+            states: describe(&slots),
+        });
+    };
+    let mut new = attrs.clone();
+    new[choice.index] = choice.updated;
+    let bytes_written = disk.write_slot_attributes(&slots, &new)?;
+    let slot = &slots[choice.index];
+    let sector_size = disk.gpt.sector_size();
+    let record: Option<SlotRecord> = footer::read_record(&mut disk.dev, slot, sector_size);
+    Ok(BootDecision {
+        slot: slot.name.clone(),
+        partition: slot.partition(),
+        device: partition_device_path(disk_path, slot.partition()),
+        partuuid: slot.partuuid().to_string(),
+        version: record.map(|r| r.version),
+        before: slot.attrs.to_string(),
+        after: choice.updated.to_string(),
+        trial: !slot.attrs.successful(),
+        tries_left: choice.updated.tries(),
+        bytes_written,
+    })
+}
+
+/// `ROOT-A P2 T0 S1, ROOT-B P0 T0 S0`.
+pub fn describe(slots: &[Slot]) -> String {
+    slots
+        .iter()
+        .map(|s| format!("{} {}", s.name, s.attrs))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl BootDecision {
+    /// Shell `KEY=value` lines for an initramfs to `eval`.
+    pub fn to_env(&self) -> String {
+        let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        format!(
+            "ABUPDATE_SLOT={}\nABUPDATE_PARTITION={}\nABUPDATE_DEVICE={}\nABUPDATE_PARTUUID={}\nABUPDATE_VERSION={}\nABUPDATE_TRIAL={}\nABUPDATE_TRIES_LEFT={}\n",
+            q(&self.slot),
+            self.partition,
+            q(&self.device.display().to_string()),
+            q(&self.partuuid),
+            q(self.version.as_deref().unwrap_or("")),
+            u8::from(self.trial),
+            self.tries_left
+        )
+    }
+
+    /// Kernel command-line fragment naming the root.
+    pub fn to_cmdline(&self) -> String {
+        format!(
+            "root=PARTUUID={} abupdate.slot={}",
+            self.partuuid, self.slot
+        )
+    }
+}

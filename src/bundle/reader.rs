@@ -1,0 +1,676 @@
+//! Streaming, verifying bundle reader.
+//!
+//! A chunk is handed out only after its SHA-256 matched the signed chunk
+//! table, so a consumer may write it to the target slot at once; the header's
+//! signature is verified before the reader exists at all.
+//!
+//! Memory is bounded by the chunk size, not the image size: one compressed
+//! frame buffer (at most [`max_compressed_len`]`(chunk_size)`), one
+//! uncompressed chunk buffer (`chunk_size`), and a zstd context whose window
+//! is capped at `chunk_size`; plus the chunk table (36 bytes per chunk). For
+//! the default 4 MiB chunks that is about 12.1 MiB + 9 KiB per GiB of image.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
+
+use super::error::{BundleError, Section};
+use super::format::{
+    max_compressed_len, read_full, read_verified_header, BundleHeader, VerifiedHeader,
+};
+use super::keys::{KeyId, Keyring};
+
+/// A chunk whose SHA-256 matched the signed chunk table.
+#[derive(Debug)]
+pub struct VerifiedChunk<'a> {
+    /// Chunk index (0-based).
+    pub index: u32,
+    /// Byte offset of this chunk in the image (and in the target slot).
+    pub image_offset: u64,
+    /// The uncompressed, verified bytes.
+    pub data: &'a [u8],
+}
+
+/// Decompresses and verifies single chunk frames; one per worker thread.
+///
+/// Decompression is capped at the chunk's declared length: a frame that
+/// would produce more is stopped after one extra byte and refused (zstd bomb
+/// protection), and the zstd window is capped at the chunk size, so a frame
+/// cannot make the decoder allocate more than about one chunk either.
+pub struct ChunkDecoder {
+    dctx: Decoder<'static>,
+}
+
+impl ChunkDecoder {
+    /// A decoder for bundles with this chunk size.
+    pub fn new(chunk_size: u32) -> Result<ChunkDecoder, BundleError> {
+        let zstd_err = |e| BundleError::io("creating a zstd decoder", e);
+        let mut dctx = Decoder::new().map_err(zstd_err)?;
+        // An honest frame of at most chunk_size bytes never needs a larger
+        // window (zstd shrinks the window to the source size); 10 is zstd's
+        // minimum window log.
+        let window_log = chunk_size.max(1).ilog2().max(10);
+        dctx.set_parameter(DParameter::WindowLogMax(window_log))
+            .map_err(zstd_err)?;
+        Ok(ChunkDecoder { dctx })
+    }
+
+    /// Decompresses chunk `index` from its frame `compressed` into
+    /// `out[..chunk_len]` and checks its length and SHA-256 against the
+    /// verified header. Returns the verified bytes.
+    pub fn decode<'o>(
+        &mut self,
+        verified: &VerifiedHeader,
+        index: u32,
+        compressed: &[u8],
+        out: &'o mut [u8],
+    ) -> Result<&'o [u8], BundleError> {
+        let header = verified.header();
+        let count = header.chunk_count();
+        let entry = header
+            .chunks
+            .get(index as usize)
+            .ok_or(BundleError::ChunkIndexOutOfRange { index, count })?;
+        let expected = header.chunk_len(index);
+        let bundle_offset = header.chunk_bundle_offset(index)?;
+        if compressed.len() != entry.compressed_len as usize {
+            return Err(BundleError::ChunkDecompress {
+                index,
+                bundle_offset,
+                reason: format!(
+                    "frame is {} bytes, chunk table says {}",
+                    compressed.len(),
+                    entry.compressed_len
+                ),
+            });
+        }
+        let out = out.get_mut(..expected as usize).ok_or_else(|| {
+            BundleError::Internal(format!(
+                "chunk {index}: output buffer shorter than the chunk length {expected}"
+            ))
+        })?;
+        self.decompress_bounded(index, bundle_offset, compressed, out)?;
+        let digest = Sha256::digest(&*out);
+        if digest.as_slice() != entry.sha256 {
+            return Err(BundleError::ChunkHashMismatch {
+                index,
+                image_offset: header.chunk_image_offset(index),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Decompresses exactly one zstd frame that must produce exactly
+    /// `out.len()` bytes.
+    fn decompress_bounded(
+        &mut self,
+        index: u32,
+        bundle_offset: u64,
+        compressed: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), BundleError> {
+        let expected = out.len() as u32;
+        let corrupt = |reason: String| BundleError::ChunkDecompress {
+            index,
+            bundle_offset,
+            reason,
+        };
+        // The frame header's content size, when present, gives the precise
+        // error early; the streaming cap below is what actually enforces it.
+        if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(compressed) {
+            if declared > expected as u64 {
+                return Err(BundleError::ChunkTooLarge { index, expected });
+            }
+            if declared < expected as u64 {
+                return Err(BundleError::ChunkTooSmall {
+                    index,
+                    expected,
+                    actual: declared,
+                });
+            }
+        }
+        self.dctx
+            .reinit()
+            .map_err(|e| corrupt(format!("resetting the decoder: {e}")))?;
+        let mut input = InBuffer::around(compressed);
+        let mut output = OutBuffer::around(out);
+        loop {
+            let (in_before, out_before) = (input.pos(), output.pos());
+            let remaining = if output.pos() < expected as usize {
+                self.dctx.run(&mut input, &mut output)
+            } else {
+                // The chunk is full; the frame may only end now. Offer one
+                // more byte of room to detect output beyond the declared
+                // length without producing more than that one byte.
+                let mut probe = [0u8; 1];
+                let mut probe_out = OutBuffer::around(&mut probe[..]);
+                let r = self.dctx.run(&mut input, &mut probe_out);
+                if probe_out.pos() > 0 {
+                    return Err(BundleError::ChunkTooLarge { index, expected });
+                }
+                r
+            }
+            .map_err(|e| corrupt(e.to_string()))?;
+            if remaining == 0 {
+                break; // frame complete and flushed
+            }
+            if input.pos() == in_before && output.pos() == out_before {
+                // No progress possible: the compressed span ended mid-frame.
+                return Err(corrupt(format!(
+                    "frame is incomplete after {} of {} compressed bytes",
+                    input.pos(),
+                    compressed.len()
+                )));
+            }
+        }
+        let produced = output.pos();
+        if input.pos() < compressed.len() {
+            return Err(BundleError::ChunkTrailingBytes {
+                index,
+                extra: compressed.len() - input.pos(),
+            });
+        }
+        if produced < expected as usize {
+            return Err(BundleError::ChunkTooSmall {
+                index,
+                expected,
+                actual: produced as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads a bundle as a stream of verified chunks.
+///
+/// `BundleReader<R>` is `Send` when `R` is, so it can run in a pipeline
+/// thread. See the module docs for the memory bound.
+pub struct BundleReader<R> {
+    inner: R,
+    verified: VerifiedHeader,
+    next_index: u32,
+    /// Bundle byte offset of the next byte to read from `inner`.
+    position: u64,
+    decoder: ChunkDecoder,
+    compressed: Vec<u8>,
+    chunk: Vec<u8>,
+    /// Running SHA-256 of the image so far; `None` after a resume without
+    /// a prefix hash (then only the per-chunk hashes are checked).
+    image_hasher: Option<Sha256>,
+    failed: bool,
+}
+
+impl<R: Read> BundleReader<R> {
+    /// Reads and verifies the header from `reader` (positioned at the start
+    /// of the bundle) and returns a reader positioned at chunk 0.
+    pub fn new(mut reader: R, keyring: &Keyring) -> Result<Self, BundleError> {
+        let verified = read_verified_header(&mut reader, keyring)?;
+        Self::with_state(reader, verified, 0, Some(Sha256::new()))
+    }
+
+    /// Builds a reader for a payload stream that starts at chunk
+    /// `chunk_index` (byte offset [`BundleHeader::chunk_bundle_offset`]), for
+    /// resuming a download with an HTTP Range request.
+    ///
+    /// `prefix_hash` is a SHA-256 already fed with the image bytes before
+    /// this chunk (for example re-read from the target slot); with it the
+    /// whole-image hash is still checked at the end. With `None` only the
+    /// per-chunk hashes are checked, which still authenticates every byte
+    /// handed out, since the chunk table is signed.
+    ///
+    pub fn resume_at(
+        reader: R,
+        verified: VerifiedHeader,
+        chunk_index: u32,
+        prefix_hash: Option<Sha256>,
+    ) -> Result<Self, BundleError> {
+        let count = verified.header().chunk_count();
+        if chunk_index > count {
+            return Err(BundleError::ChunkIndexOutOfRange {
+                index: chunk_index,
+                count,
+            });
+        }
+        let hasher = if chunk_index == 0 {
+            Some(prefix_hash.unwrap_or_default())
+        } else {
+            prefix_hash
+        };
+        Self::with_state(reader, verified, chunk_index, hasher)
+    }
+
+    fn with_state(
+        inner: R,
+        verified: VerifiedHeader,
+        next_index: u32,
+        image_hasher: Option<Sha256>,
+    ) -> Result<Self, BundleError> {
+        let header = verified.header();
+        let position = header.chunk_bundle_offset(next_index)?;
+        let decoder = ChunkDecoder::new(header.chunk_size)?;
+        let compressed = vec![0u8; max_compressed_len(header.chunk_size) as usize];
+        let chunk = vec![0u8; header.chunk_size as usize];
+        Ok(BundleReader {
+            inner,
+            verified,
+            next_index,
+            position,
+            decoder,
+            compressed,
+            chunk,
+            image_hasher,
+            failed: false,
+        })
+    }
+
+    /// The verified header.
+    pub fn header(&self) -> &BundleHeader {
+        self.verified.header()
+    }
+
+    /// The verified header with its key id (cheap to clone; pass it to
+    /// [`BundleReader::resume_at`] to resume later).
+    pub fn verified_header(&self) -> &VerifiedHeader {
+        &self.verified
+    }
+
+    /// The id of the keyring key the bundle's signature verified under.
+    pub fn matched_key(&self) -> KeyId {
+        self.verified.key_id()
+    }
+
+    /// Index of the next chunk [`BundleReader::next_chunk`] will return.
+    pub fn next_index(&self) -> u32 {
+        self.next_index
+    }
+
+    /// Bundle byte offset of the next byte to be read.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Bytes held in the reader's chunk buffers (compressed + uncompressed).
+    /// Fixed at construction: it depends on the chunk size only. The zstd
+    /// context adds at most about one chunk (its window is capped).
+    pub fn buffer_bytes(&self) -> usize {
+        self.compressed.capacity() + self.chunk.capacity()
+    }
+
+    /// Gives the underlying reader back.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    /// Returns the next verified chunk, or `None` after the last one.
+    ///
+    /// The last chunk is returned only after the end-of-bundle checks passed
+    /// too (nothing trails the payload; the whole-image SHA-256 matches), so
+    /// a caller that received every chunk has a fully verified image. After
+    /// an error the reader refuses further use ([`BundleError::ReaderFailed`]).
+    pub fn next_chunk(&mut self) -> Result<Option<VerifiedChunk<'_>>, BundleError> {
+        if self.failed {
+            return Err(BundleError::ReaderFailed);
+        }
+        if self.next_index >= self.verified.header().chunk_count() {
+            return Ok(None);
+        }
+        match self.advance() {
+            Ok(len) => {
+                let index = self.next_index - 1;
+                Ok(Some(VerifiedChunk {
+                    index,
+                    image_offset: self.verified.header().chunk_image_offset(index),
+                    data: &self.chunk[..len],
+                }))
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads, decodes and verifies the next chunk into `self.chunk`;
+    /// returns its length.
+    fn advance(&mut self) -> Result<usize, BundleError> {
+        let index = self.next_index;
+        let header = self.verified.header();
+        let clen = header.chunks[index as usize].compressed_len as usize;
+        let frame = &mut self.compressed[..clen];
+        read_section(&mut self.inner, frame, Section::Chunk(index), self.position)?;
+        let data = self
+            .decoder
+            .decode(&self.verified, index, frame, &mut self.chunk)?;
+        let len = data.len();
+        if let Some(h) = self.image_hasher.as_mut() {
+            h.update(data);
+        }
+        self.position += clen as u64;
+        self.next_index += 1;
+        if self.next_index == header.chunk_count() {
+            check_end(&mut self.inner, self.position)?;
+            if let Some(h) = self.image_hasher.take() {
+                check_image_hash(header, h)?;
+            }
+        }
+        Ok(len)
+    }
+
+    /// Reads every remaining chunk, decompressing and verifying them on
+    /// `workers` threads, and hands them to `sink` in image order on the
+    /// calling thread. Ends with the same end-of-bundle checks as
+    /// [`BundleReader::next_chunk`].
+    ///
+    /// One thread reads frames from the underlying reader. At most
+    /// `2 * workers + 2` chunks are in flight, so memory stays bounded by
+    /// about that many times (chunk size + compressed frame) plus one zstd
+    /// context per worker, however large the image.
+    pub fn read_parallel(
+        &mut self,
+        workers: usize,
+        sink: &mut dyn FnMut(VerifiedChunk<'_>) -> io::Result<()>,
+    ) -> Result<(), BundleError>
+    where
+        R: Send,
+    {
+        if self.failed {
+            return Err(BundleError::ReaderFailed);
+        }
+        let result = self.read_parallel_inner(workers.max(1), sink);
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    fn read_parallel_inner(
+        &mut self,
+        workers: usize,
+        sink: &mut dyn FnMut(VerifiedChunk<'_>) -> io::Result<()>,
+    ) -> Result<(), BundleError>
+    where
+        R: Send,
+    {
+        let verified = self.verified.clone();
+        let header = verified.header();
+        let count = header.chunk_count();
+        let first = self.next_index;
+        if first >= count {
+            return Ok(());
+        }
+        let in_flight = 2 * workers + 2;
+        let max_frame = max_compressed_len(header.chunk_size) as usize;
+        let chunk_size = header.chunk_size as usize;
+
+        // Slots circulate: reader fills `compressed`, a worker fills `data`,
+        // the collector consumes it and sends the slot back. The fixed number
+        // of slots is what bounds memory.
+        let (slot_tx, slot_rx) = mpsc::sync_channel::<Slot>(in_flight);
+        for _ in 0..in_flight {
+            slot_tx
+                .send(Slot {
+                    index: 0,
+                    compressed: Vec::with_capacity(max_frame),
+                    data: Vec::new(),
+                })
+                .map_err(|_| BundleError::Internal("slot channel closed".into()))?;
+        }
+        let (work_tx, work_rx) = mpsc::sync_channel::<Slot>(in_flight);
+        // Only the workers may hold the work receiver: if the collector
+        // stops, the workers exit and the reader's send must then fail
+        // instead of blocking forever on a receiver nobody drains.
+        let work_rx = Arc::new(Mutex::new(work_rx));
+        let worker_rxs: Vec<_> = (0..workers).map(|_| Arc::clone(&work_rx)).collect();
+        drop(work_rx);
+        let (done_tx, done_rx) = mpsc::sync_channel::<Result<Slot, BundleError>>(in_flight);
+        let hasher = self.image_hasher.take();
+        let inner = &mut self.inner;
+        let start_position = self.position;
+
+        let (collected, read_result, worker_results) = std::thread::scope(|s| {
+            let reader = s
+                .spawn(move || read_frames(inner, header, first, start_position, slot_rx, work_tx));
+            let mut handles = Vec::with_capacity(workers);
+            for work_rx in worker_rxs {
+                let done_tx = done_tx.clone();
+                let verified = &verified;
+                handles
+                    .push(s.spawn(move || decode_worker(verified, chunk_size, &work_rx, &done_tx)));
+            }
+            drop(done_tx);
+            let collected = collect_in_order(header, first, hasher, done_rx, slot_tx, sink);
+            let read_result = reader.join().unwrap_or_else(|_| {
+                Err(BundleError::Internal(
+                    "bundle reader thread panicked".into(),
+                ))
+            });
+            let worker_results: Vec<Result<(), BundleError>> = handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(BundleError::Internal("decode worker panicked".into()))
+                    })
+                })
+                .collect();
+            (collected, read_result, worker_results)
+        });
+
+        // The collector's own error is the most specific one, unless it only
+        // saw its input end early, in which case the reader or a worker
+        // stopped first and holds the cause.
+        match collected {
+            Ok(()) => {}
+            Err(CollectError::Failed(e)) => return Err(e),
+            Err(CollectError::InputEnded) => {
+                read_result?;
+                for r in worker_results {
+                    r?;
+                }
+                return Err(BundleError::Internal(
+                    "parallel reader stopped without an error".into(),
+                ));
+            }
+        }
+        let end_position = read_result?;
+        for r in worker_results {
+            r?;
+        }
+        self.position = end_position;
+        self.next_index = count;
+        Ok(())
+    }
+}
+
+/// A buffer pair that travels reader → worker → collector → reader.
+struct Slot {
+    index: u32,
+    compressed: Vec<u8>,
+    data: Vec<u8>,
+}
+
+enum CollectError {
+    /// The result channel closed before the last chunk: see the other threads.
+    InputEnded,
+    Failed(BundleError),
+}
+
+/// Reader thread: fills slots with compressed frames in order; returns the
+/// bundle position after the end checks.
+fn read_frames<R: Read>(
+    inner: &mut R,
+    header: &BundleHeader,
+    first: u32,
+    mut position: u64,
+    slot_rx: Receiver<Slot>,
+    work_tx: SyncSender<Slot>,
+) -> Result<u64, BundleError> {
+    for index in first..header.chunk_count() {
+        let Ok(mut slot) = slot_rx.recv() else {
+            // The collector stopped (it reports why).
+            return Ok(position);
+        };
+        let clen = header.chunks[index as usize].compressed_len as usize;
+        slot.index = index;
+        slot.compressed.resize(clen, 0);
+        read_section(inner, &mut slot.compressed, Section::Chunk(index), position)?;
+        position += clen as u64;
+        if work_tx.send(slot).is_err() {
+            return Ok(position);
+        }
+    }
+    check_end(inner, position)?;
+    Ok(position)
+}
+
+/// Worker thread: decodes slots until the work channel closes.
+fn decode_worker(
+    verified: &VerifiedHeader,
+    chunk_size: usize,
+    work_rx: &Mutex<Receiver<Slot>>,
+    done_tx: &SyncSender<Result<Slot, BundleError>>,
+) -> Result<(), BundleError> {
+    let mut decoder = ChunkDecoder::new(chunk_size as u32)?;
+    loop {
+        let next = match work_rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return Err(BundleError::Internal("work queue lock poisoned".into())),
+        };
+        let Ok(mut slot) = next else {
+            return Ok(());
+        };
+        slot.data.resize(chunk_size, 0);
+        let result = decoder
+            .decode(verified, slot.index, &slot.compressed, &mut slot.data)
+            .map(|d| d.len());
+        let message = match result {
+            Ok(len) => {
+                slot.data.truncate(len);
+                Ok(slot)
+            }
+            Err(e) => Err(e),
+        };
+        if done_tx.send(message).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Collector (calling thread): puts chunks back in order, hashes the image,
+/// calls the sink and recycles slots.
+fn collect_in_order(
+    header: &BundleHeader,
+    first: u32,
+    mut hasher: Option<Sha256>,
+    done_rx: Receiver<Result<Slot, BundleError>>,
+    slot_tx: SyncSender<Slot>,
+    sink: &mut dyn FnMut(VerifiedChunk<'_>) -> io::Result<()>,
+) -> Result<(), CollectError> {
+    let count = header.chunk_count();
+    let mut pending: BTreeMap<u32, Slot> = BTreeMap::new();
+    let mut next = first;
+    while next < count {
+        let slot = match pending.remove(&next) {
+            Some(slot) => slot,
+            None => {
+                let Ok(msg) = done_rx.recv() else {
+                    return Err(CollectError::InputEnded);
+                };
+                let slot = msg.map_err(CollectError::Failed)?;
+                if slot.index != next {
+                    pending.insert(slot.index, slot);
+                    continue;
+                }
+                slot
+            }
+        };
+        if let Some(h) = hasher.as_mut() {
+            h.update(&slot.data);
+        }
+        sink(VerifiedChunk {
+            index: next,
+            image_offset: header.chunk_image_offset(next),
+            data: &slot.data,
+        })
+        .map_err(|source| {
+            CollectError::Failed(BundleError::Sink {
+                index: next,
+                source,
+            })
+        })?;
+        next += 1;
+        // The reader may already have finished; a closed channel is fine.
+        let _ = slot_tx.send(slot);
+    }
+    match hasher {
+        Some(h) => check_image_hash(header, h).map_err(CollectError::Failed),
+        None => Ok(()),
+    }
+}
+
+/// Reads exactly `buf.len()` bytes of `section`, which starts at bundle
+/// offset `position`.
+fn read_section<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+    section: Section,
+    position: u64,
+) -> Result<(), BundleError> {
+    let got = read_full(r, buf).map_err(|e| {
+        BundleError::io(
+            format!("reading the {section} at bundle offset {position}"),
+            e,
+        )
+    })?;
+    if got < buf.len() {
+        return Err(BundleError::Truncated {
+            section,
+            offset: position + got as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that nothing follows the last chunk.
+fn check_end<R: Read + ?Sized>(r: &mut R, position: u64) -> Result<(), BundleError> {
+    let mut probe = [0u8; 1];
+    let got = read_full(r, &mut probe).map_err(|e| {
+        BundleError::io(
+            format!("checking for data after the payload at {position}"),
+            e,
+        )
+    })?;
+    if got > 0 {
+        return Err(BundleError::TrailingData { offset: position });
+    }
+    Ok(())
+}
+
+fn check_image_hash(header: &BundleHeader, hasher: Sha256) -> Result<(), BundleError> {
+    let expected = header.image_sha256;
+    let actual: [u8; 32] = hasher.finalize().into();
+    if actual != expected {
+        return Err(BundleError::ImageHashMismatch {
+            expected: hex::encode(expected),
+            actual: hex::encode(actual),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn reader_is_send() {
+        assert_send::<BundleReader<std::fs::File>>();
+        assert_send::<ChunkDecoder>();
+        assert_send::<VerifiedHeader>();
+    }
+}

@@ -1,0 +1,489 @@
+//! Creating bundles: parallel chunk compression, hashing, signing, and an
+//! atomic write.
+//!
+//! The header's size is known before compression (the chunk table has a
+//! fixed entry size), so the payload is written straight to its final offset
+//! in a temporary file next to the output; the header is written last, the
+//! file is synced and renamed over the output. Nothing of the compressed
+//! image is kept in memory beyond the chunks in flight.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use ed25519_dalek::SigningKey;
+use sha2::{Digest, Sha256};
+
+use super::error::BundleError;
+use super::format::{
+    check_chunk_size, check_image_size, check_string, BundleHeader, ChunkEntry, Compression,
+    Extension, FORMAT_VERSION, MAX_EXTENSIONS_LEN,
+};
+use super::keys::KeyId;
+
+/// zstd level used by [`create_bundle`]: zstd's own default, a good
+/// speed/ratio point; bundles are built once but on CI machines that wait.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Everything [`create_bundle_with_options`] needs besides paths and key.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Image version string (1..=255 bytes, no control characters).
+    pub version: String,
+    /// Compatible string (1..=255 bytes, no control characters).
+    pub compatible: String,
+    /// Chunk size: power of two, 64 KiB ..= 64 MiB.
+    pub chunk_size: u32,
+    /// zstd compression level.
+    pub zstd_level: i32,
+    /// Compression threads; 0 means one per available core.
+    pub threads: usize,
+    /// Extension records to include (must not be critical: no critical
+    /// extension is defined, and readers would refuse the bundle).
+    pub extensions: Vec<Extension>,
+}
+
+impl CreateOptions {
+    /// Options with the defaults for everything but the two strings.
+    pub fn new(version: &str, compatible: &str) -> CreateOptions {
+        CreateOptions {
+            version: version.to_owned(),
+            compatible: compatible.to_owned(),
+            chunk_size: super::format::DEFAULT_CHUNK_SIZE,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            threads: 0,
+            extensions: Vec::new(),
+        }
+    }
+}
+
+/// Creates a signed bundle of `image` at `out`.
+///
+/// Chunks are compressed in parallel on all cores with at most a few chunks
+/// in flight; `progress(done, total)` is called with uncompressed bytes after
+/// each chunk is written. The output appears atomically (temporary file in
+/// the same directory, fsync, rename); on error no output is left behind.
+pub fn create_bundle(
+    image: &Path,
+    key: &SigningKey,
+    version: &str,
+    compatible: &str,
+    chunk_size: u32,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<BundleHeader, BundleError> {
+    let mut options = CreateOptions::new(version, compatible);
+    options.chunk_size = chunk_size;
+    create_bundle_with_options(image, key, &options, out, progress)
+}
+
+/// [`create_bundle`] with every option.
+pub fn create_bundle_with_options(
+    image: &Path,
+    key: &SigningKey,
+    options: &CreateOptions,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<BundleHeader, BundleError> {
+    check_string("image_version", &options.version)?;
+    check_string("compatible", &options.compatible)?;
+    let chunk_size = check_chunk_size(options.chunk_size as u64)?;
+    check_extensions(&options.extensions)?;
+
+    let mut image_file = File::open(image)
+        .map_err(|e| BundleError::io(format!("opening image {}", image.display()), e))?;
+    // Seek rather than metadata: this also gives the size of a block device.
+    let image_size = image_file
+        .seek(SeekFrom::End(0))
+        .and_then(|size| image_file.seek(SeekFrom::Start(0)).map(|_| size))
+        .map_err(|e| {
+            BundleError::io(format!("finding the size of image {}", image.display()), e)
+        })?;
+    let chunk_count = check_image_size(image_size, chunk_size)?;
+
+    // The header, signed later, with placeholder table entries: its length
+    // depends only on counts and string lengths, which are final now.
+    let mut header = BundleHeader {
+        format_version: FORMAT_VERSION,
+        image_version: options.version.clone(),
+        compatible: options.compatible.clone(),
+        image_size,
+        image_sha256: [0; 32],
+        chunk_size,
+        compression: Compression::Zstd,
+        signer_key_id: KeyId::of(&key.verifying_key()),
+        extensions: options.extensions.clone(),
+        chunks: vec![
+            ChunkEntry {
+                compressed_len: 0,
+                sha256: [0; 32],
+            };
+            chunk_count as usize
+        ],
+    };
+    let header_len = header.header_len();
+
+    let mut temp = TempFile::create(out)?;
+    temp.file
+        .seek(SeekFrom::Start(header_len))
+        .map_err(|e| BundleError::io(format!("seeking in {}", temp.path.display()), e))?;
+
+    let threads = if options.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        options.threads
+    };
+    let (entries, image_sha256) = compress_chunks(
+        &mut image_file,
+        image,
+        image_size,
+        chunk_size,
+        options.zstd_level,
+        threads,
+        &mut temp,
+        progress,
+    )?;
+    header.chunks = entries;
+    header.image_sha256 = image_sha256;
+
+    let bytes = header.encode_signed(key)?;
+    if bytes.len() as u64 != header_len {
+        return Err(BundleError::Internal(format!(
+            "encoded header is {} bytes, {header_len} were reserved",
+            bytes.len()
+        )));
+    }
+    let temp_err =
+        |what: &str, path: &Path, e| BundleError::io(format!("{what} {}", path.display()), e);
+    temp.file
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| temp.file.write_all(&bytes))
+        .map_err(|e| temp_err("writing the header to", &temp.path, e))?;
+    temp.persist(out)?;
+    Ok(header)
+}
+
+fn check_extensions(extensions: &[Extension]) -> Result<(), BundleError> {
+    let total: usize = extensions.iter().map(|e| 4 + e.value.len()).sum();
+    if total > MAX_EXTENSIONS_LEN as usize {
+        return Err(BundleError::HeaderLimit {
+            field: "extensions_len",
+            value: total as u64,
+            limit: MAX_EXTENSIONS_LEN as u64,
+        });
+    }
+    for (i, ext) in extensions.iter().enumerate() {
+        if ext.is_critical() {
+            return Err(BundleError::UnknownCriticalExtension { tag: ext.tag });
+        }
+        if extensions[..i].iter().any(|e| e.tag == ext.tag) {
+            return Err(BundleError::DuplicateExtension { tag: ext.tag });
+        }
+    }
+    Ok(())
+}
+
+/// A chunk moving through the pipeline. Slots are recycled, and only a
+/// fixed number exist, which bounds memory whatever the image size.
+struct Slot {
+    index: u32,
+    data: Vec<u8>,
+    compressed: Vec<u8>,
+    sha256: [u8; 32],
+}
+
+/// Reads the image in order (hashing it whole), compresses and hashes chunks
+/// on `threads` workers, and writes frames in order to `temp`. Returns the
+/// chunk table and the image hash.
+#[allow(clippy::too_many_arguments)]
+fn compress_chunks(
+    image_file: &mut File,
+    image_path: &Path,
+    image_size: u64,
+    chunk_size: u32,
+    level: i32,
+    threads: usize,
+    temp: &mut TempFile,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Vec<ChunkEntry>, [u8; 32]), BundleError> {
+    let chunk_count = image_size.div_ceil(chunk_size as u64) as u32;
+    let threads = threads.max(1);
+    let in_flight = 2 * threads + 2;
+    let (slot_tx, slot_rx) = mpsc::sync_channel::<Slot>(in_flight);
+    for _ in 0..in_flight {
+        slot_tx
+            .send(Slot {
+                index: 0,
+                data: Vec::new(),
+                compressed: Vec::new(),
+                sha256: [0; 32],
+            })
+            .map_err(|_| BundleError::Internal("slot channel closed".into()))?;
+    }
+    let (work_tx, work_rx) = mpsc::sync_channel::<Slot>(in_flight);
+    // Only workers hold the work receiver (see the reader's parallel path).
+    let work_rx = Arc::new(Mutex::new(work_rx));
+    let worker_rxs: Vec<_> = (0..threads).map(|_| Arc::clone(&work_rx)).collect();
+    drop(work_rx);
+    let (done_tx, done_rx) = mpsc::sync_channel::<Result<Slot, BundleError>>(in_flight);
+
+    let (collected, read_result, worker_results) = std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            read_image(
+                image_file,
+                image_path,
+                image_size,
+                chunk_size,
+                chunk_count,
+                slot_rx,
+                work_tx,
+            )
+        });
+        let mut handles = Vec::with_capacity(threads);
+        for work_rx in worker_rxs {
+            let done_tx = done_tx.clone();
+            handles.push(s.spawn(move || compress_worker(level, &work_rx, &done_tx)));
+        }
+        drop(done_tx);
+        let collected = write_in_order(
+            chunk_count,
+            chunk_size,
+            image_size,
+            done_rx,
+            slot_tx,
+            temp,
+            progress,
+        );
+        let read_result = reader
+            .join()
+            .unwrap_or_else(|_| Err(BundleError::Internal("image reader thread panicked".into())));
+        let worker_results: Vec<Result<(), BundleError>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(BundleError::Internal("compression worker panicked".into()))
+                })
+            })
+            .collect();
+        (collected, read_result, worker_results)
+    });
+
+    match collected {
+        Ok(entries) => {
+            let image_sha256 = read_result?;
+            for r in worker_results {
+                r?;
+            }
+            Ok((entries, image_sha256))
+        }
+        Err(None) => {
+            // The collector's input ended early: the cause is elsewhere.
+            read_result?;
+            for r in worker_results {
+                r?;
+            }
+            Err(BundleError::Internal(
+                "compression stopped without an error".into(),
+            ))
+        }
+        Err(Some(e)) => Err(e),
+    }
+}
+
+fn read_image(
+    image_file: &mut File,
+    image_path: &Path,
+    image_size: u64,
+    chunk_size: u32,
+    chunk_count: u32,
+    slot_rx: Receiver<Slot>,
+    work_tx: SyncSender<Slot>,
+) -> Result<[u8; 32], BundleError> {
+    let mut hasher = Sha256::new();
+    for index in 0..chunk_count {
+        let Ok(mut slot) = slot_rx.recv() else {
+            // The writer stopped; it reports why.
+            return Ok([0; 32]);
+        };
+        let offset = index as u64 * chunk_size as u64;
+        let len = (image_size - offset).min(chunk_size as u64) as usize;
+        slot.index = index;
+        slot.data.resize(len, 0);
+        image_file.read_exact(&mut slot.data).map_err(|e| {
+            BundleError::io(
+                format!(
+                    "reading chunk {index} ({len} bytes at offset {offset}) of image {} (did it shrink?)",
+                    image_path.display()
+                ),
+                e,
+            )
+        })?;
+        hasher.update(&slot.data);
+        if work_tx.send(slot).is_err() {
+            return Ok([0; 32]);
+        }
+    }
+    Ok(hasher.finalize().into())
+}
+
+fn compress_worker(
+    level: i32,
+    work_rx: &Mutex<Receiver<Slot>>,
+    done_tx: &SyncSender<Result<Slot, BundleError>>,
+) -> Result<(), BundleError> {
+    let mut compressor = zstd::bulk::Compressor::new(level)
+        .map_err(|e| BundleError::io("creating a zstd compressor", e))?;
+    loop {
+        let next = match work_rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return Err(BundleError::Internal("work queue lock poisoned".into())),
+        };
+        let Ok(mut slot) = next else {
+            return Ok(());
+        };
+        slot.sha256 = Sha256::digest(&slot.data).into();
+        slot.compressed.clear();
+        slot.compressed
+            .reserve(zstd::zstd_safe::compress_bound(slot.data.len()));
+        // One independent frame per chunk (with its content size), so a
+        // reader can start at any chunk and decode chunks in parallel.
+        let result = compressor
+            .compress_to_buffer(&slot.data, &mut slot.compressed)
+            .map(|_| slot)
+            .map_err(|e| BundleError::io("compressing a chunk with zstd", e));
+        if done_tx.send(result).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Collector (calling thread). `Err(None)` means the input ended early.
+fn write_in_order(
+    chunk_count: u32,
+    chunk_size: u32,
+    image_size: u64,
+    done_rx: Receiver<Result<Slot, BundleError>>,
+    slot_tx: SyncSender<Slot>,
+    temp: &mut TempFile,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<ChunkEntry>, Option<BundleError>> {
+    let mut entries = Vec::with_capacity(chunk_count as usize);
+    let mut pending: BTreeMap<u32, Slot> = BTreeMap::new();
+    let mut next = 0;
+    progress(0, image_size);
+    while next < chunk_count {
+        let slot = match pending.remove(&next) {
+            Some(slot) => slot,
+            None => {
+                let slot = done_rx.recv().map_err(|_| None)?.map_err(Some)?;
+                if slot.index != next {
+                    pending.insert(slot.index, slot);
+                    continue;
+                }
+                slot
+            }
+        };
+        let compressed_len = u32::try_from(slot.compressed.len())
+            .ok()
+            .filter(|&l| l <= super::format::max_compressed_len(slot.data.len() as u32))
+            .ok_or_else(|| {
+                Some(BundleError::Internal(format!(
+                    "chunk {next} compressed to {} bytes, above the format's bound",
+                    slot.compressed.len()
+                )))
+            })?;
+        temp.file.write_all(&slot.compressed).map_err(|e| {
+            Some(BundleError::io(
+                format!("writing chunk {next} to {}", temp.path.display()),
+                e,
+            ))
+        })?;
+        entries.push(ChunkEntry {
+            compressed_len,
+            sha256: slot.sha256,
+        });
+        next += 1;
+        progress(
+            (next as u64 * chunk_size as u64).min(image_size),
+            image_size,
+        );
+        let _ = slot_tx.send(slot);
+    }
+    Ok(entries)
+}
+
+/// A temporary file next to the output, removed on drop unless persisted.
+struct TempFile {
+    file: File,
+    path: PathBuf,
+    persisted: bool,
+}
+
+impl TempFile {
+    fn create(out: &Path) -> Result<TempFile, BundleError> {
+        let dir = parent_dir(out);
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "bundle".into());
+        // Same directory as the output, so the final rename is atomic.
+        let path = dir.join(format!(
+            ".{name}.tmp-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)
+            .map_err(|e| {
+                BundleError::io(format!("creating temporary file {}", path.display()), e)
+            })?;
+        Ok(TempFile {
+            file,
+            path,
+            persisted: false,
+        })
+    }
+
+    fn persist(mut self, out: &Path) -> Result<(), BundleError> {
+        self.file
+            .sync_all()
+            .map_err(|e| BundleError::io(format!("syncing {}", self.path.display()), e))?;
+        fs::rename(&self.path, out).map_err(|e| {
+            BundleError::io(
+                format!("renaming {} to {}", self.path.display(), out.display()),
+                e,
+            )
+        })?;
+        self.persisted = true;
+        // The rename is durable only once the directory is synced.
+        let dir = parent_dir(out);
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| BundleError::io(format!("syncing directory {}", dir.display()), e))?;
+        Ok(())
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            // Best effort: the error that got us here matters more.
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}

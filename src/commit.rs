@@ -1,0 +1,257 @@
+//! The post-boot health commit: run checks, then mark the running slot good or bad.
+//! Also the manual slot operations (`mark-good`, `mark-bad`, `rollback`).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::attrs::SlotAttributes;
+use crate::blockdev::BlockDevice;
+use crate::select::{self, RollbackRefusal};
+use crate::slots::{AbDisk, SlotError};
+
+/// Errors of slot operations.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// Reading or writing the slots failed.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// Rollback refused: the other slot is not known good.
+    #[error("refusing to roll back to {slot}: {reason} ({state})")]
+    RollbackRefused {
+        /// The slot that would boot.
+        slot: String,
+        /// Why.
+        reason: &'static str,
+        /// Its attributes.
+        state: String,
+    },
+    /// A health check failed; the slot has been marked bad.
+    #[error("health check failed: {check}: {outcome}; {slot} marked bad")]
+    CheckFailed {
+        /// The check command.
+        check: String,
+        /// What happened.
+        outcome: CheckOutcome,
+        /// The slot marked bad.
+        slot: String,
+    },
+    /// There are not exactly two slots, so "the other slot" is ambiguous.
+    #[error("rollback needs exactly two slots, found {0}")]
+    NotTwoSlots(usize),
+}
+
+/// Result of one health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum CheckOutcome {
+    /// Exit status 0.
+    Passed,
+    /// Non-zero exit status.
+    Failed {
+        /// The exit code, if it exited.
+        code: Option<i32>,
+    },
+    /// Killed after the timeout.
+    TimedOut {
+        /// The timeout in seconds.
+        seconds: u64,
+    },
+    /// Could not be started.
+    NotStarted {
+        /// The OS error.
+        error: String,
+    },
+}
+
+impl std::fmt::Display for CheckOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckOutcome::Passed => write!(f, "passed"),
+            CheckOutcome::Failed { code: Some(c) } => write!(f, "exited with status {c}"),
+            CheckOutcome::Failed { code: None } => write!(f, "killed by a signal"),
+            CheckOutcome::TimedOut { seconds } => write!(f, "timed out after {seconds} s"),
+            CheckOutcome::NotStarted { error } => write!(f, "could not start: {error}"),
+        }
+    }
+}
+
+/// Runs `check` with `sh -c`, killing it after `timeout`.
+pub fn run_check(check: &str, timeout: Duration) -> CheckOutcome {
+    let mut child = match Command::new("/bin/sh")
+        .arg("-c")
+        .arg(check)
+        .stdin(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return CheckOutcome::NotStarted {
+                error: e.to_string(),
+            }
+        }
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return CheckOutcome::Passed,
+            Ok(Some(status)) => {
+                return CheckOutcome::Failed {
+                    code: status.code(),
+                }
+            }
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return CheckOutcome::TimedOut {
+                    seconds: timeout.as_secs(),
+                };
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                return CheckOutcome::NotStarted {
+                    error: e.to_string(),
+                }
+            }
+        }
+    }
+}
+
+/// What a slot operation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotChange {
+    /// The slot operated on.
+    pub slot: String,
+    /// Its attributes before.
+    pub before: String,
+    /// Its attributes after.
+    pub after: String,
+    /// GPT bytes written (0 when nothing changed).
+    pub bytes_written: u64,
+}
+
+fn apply<D: BlockDevice>(
+    disk: &mut AbDisk<D>,
+    index: usize,
+    op: impl FnOnce(&[SlotAttributes]) -> Result<Vec<SlotAttributes>, CommitError>,
+) -> Result<SlotChange, CommitError> {
+    let slots = disk.slots()?;
+    let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
+    let new = op(&attrs)?;
+    let bytes_written = disk.write_slot_attributes(&slots, &new)?;
+    Ok(SlotChange {
+        slot: slots[index].name.clone(),
+        before: attrs[index].to_string(),
+        after: new[index].to_string(),
+        bytes_written,
+    })
+}
+
+/// Marks slot `index` good: successful, no tries, priority above the others.
+pub fn mark_good<D: BlockDevice>(
+    disk: &mut AbDisk<D>,
+    index: usize,
+) -> Result<SlotChange, CommitError> {
+    apply(disk, index, |a| Ok(select::mark_good(a, index)))
+}
+
+/// Marks slot `index` bad: P0 T0 S0, so the next boot falls back.
+pub fn mark_bad<D: BlockDevice>(
+    disk: &mut AbDisk<D>,
+    index: usize,
+) -> Result<SlotChange, CommitError> {
+    apply(disk, index, |a| {
+        let mut new = a.to_vec();
+        new[index] = select::mark_bad(a[index]);
+        Ok(new)
+    })
+}
+
+/// Makes the slot other than `running` boot next, only if it is marked successful.
+pub fn rollback<D: BlockDevice>(
+    disk: &mut AbDisk<D>,
+    running: usize,
+) -> Result<SlotChange, CommitError> {
+    let slots = disk.slots()?;
+    if slots.len() != 2 {
+        return Err(CommitError::NotTwoSlots(slots.len()));
+    }
+    let other = 1 - running;
+    let name = slots[other].name.clone();
+    apply(disk, other, |a| {
+        select::rollback_to(a, other).map_err(|r| CommitError::RollbackRefused {
+            slot: name,
+            reason: match r {
+                RollbackRefusal::NotSuccessful => "it was never marked successful",
+                RollbackRefusal::ZeroPriority => "it is marked unbootable (priority 0)",
+            },
+            state: a[other].to_string(),
+        })
+    })
+}
+
+/// Report of a health commit.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommitReport {
+    /// Each check and its outcome, in order (stops at the first failure).
+    pub checks: Vec<(String, CheckOutcome)>,
+    /// The attribute change made.
+    pub change: SlotChange,
+    /// Whether all checks passed.
+    pub healthy: bool,
+}
+
+/// Runs the checks in order; all pass → mark good; the first failure → mark bad and return
+/// [`CommitError::CheckFailed`] (after the write). A commit on a slot that is already good
+/// writes nothing.
+pub fn commit<D: BlockDevice>(
+    disk: &mut AbDisk<D>,
+    index: usize,
+    checks: &[String],
+    timeout: Duration,
+    mut on_check: impl FnMut(&str, &CheckOutcome),
+) -> Result<CommitReport, CommitError> {
+    let mut results = Vec::new();
+    for check in checks {
+        let outcome = run_check(check, timeout);
+        on_check(check, &outcome);
+        let passed = outcome == CheckOutcome::Passed;
+        results.push((check.clone(), outcome.clone()));
+        if !passed {
+            let change = mark_bad(disk, index)?;
+            return Err(CommitError::CheckFailed {
+                check: check.clone(),
+                outcome,
+                slot: change.slot,
+            });
+        }
+    }
+    let change = mark_good(disk, index)?;
+    Ok(CommitReport {
+        checks: results,
+        change,
+        healthy: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_pass_fail_and_time_out() {
+        assert_eq!(
+            run_check("true", Duration::from_secs(5)),
+            CheckOutcome::Passed
+        );
+        assert_eq!(
+            run_check("exit 3", Duration::from_secs(5)),
+            CheckOutcome::Failed { code: Some(3) }
+        );
+        assert_eq!(
+            run_check("sleep 5", Duration::from_millis(200)),
+            CheckOutcome::TimedOut { seconds: 0 }
+        );
+    }
+}

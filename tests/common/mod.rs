@@ -1,0 +1,188 @@
+//! Shared helpers for the integration tests: running the binary and real tools, hashing
+//! files, and loop devices that detach themselves.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+/// Path of the abupdate binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_abupdate"))
+}
+
+/// Runs abupdate with `args`.
+pub fn abupdate(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run abupdate")
+}
+
+/// Runs abupdate and asserts success, returning stdout.
+pub fn abupdate_ok(args: &[&str]) -> String {
+    let out = abupdate(args);
+    assert!(
+        out.status.success(),
+        "abupdate {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a tool and returns (success, stdout+stderr).
+pub fn tool(program: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Runs a tool, asserting success, returning its stdout trimmed.
+pub fn tool_ok(program: &str, args: &[&str]) -> String {
+    let (ok, text) = tool(program, args);
+    assert!(ok, "{program} {args:?} failed: {text}");
+    text.trim().to_string()
+}
+
+/// Whether a facility the test needs is present. Under CI (`CI=true`) a missing facility is a
+/// failure, because CI installs everything; elsewhere the test prints why it skips.
+pub fn have(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{what} is required under CI but is missing");
+    }
+    eprintln!("SKIP: {what} is not available on this machine");
+    false
+}
+
+/// Whether an executable is on PATH.
+pub fn on_path(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The tools every interop test needs.
+pub fn have_gpt_tools() -> bool {
+    have("cgpt (Debian package cgpt)", on_path("cgpt"))
+        && have("sgdisk (Debian package gdisk)", on_path("sgdisk"))
+}
+
+/// Whether loop devices can be set up (root and /dev/loop-control).
+pub fn have_loop() -> bool {
+    let root = unsafe_free_is_root();
+    have(
+        "root and loop devices",
+        root && Path::new("/dev/loop-control").exists(),
+    )
+}
+
+fn unsafe_free_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    let mut hasher = Sha256::new();
+    let mut f = std::fs::File::open(path).unwrap();
+    std::io::copy(&mut f, &mut hasher).unwrap();
+    hex::encode(hasher.finalize())
+}
+
+/// A loop device attached with partition scanning, detached on drop.
+pub struct LoopDevice {
+    /// `/dev/loopN`.
+    pub path: PathBuf,
+}
+
+impl LoopDevice {
+    /// `losetup -P --show -f [--sector-size N] FILE`.
+    pub fn attach(file: &Path, sector_size: Option<u32>) -> Self {
+        let mut args = vec!["-P".to_string(), "--show".into(), "-f".into()];
+        if let Some(ss) = sector_size {
+            args.push("--sector-size".into());
+            args.push(ss.to_string());
+        }
+        args.push(file.display().to_string());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let path = PathBuf::from(tool_ok("losetup", &argv));
+        // Wait for udev/devtmpfs to create the partition nodes.
+        let _ = Command::new("udevadm").args(["settle", "-t", "5"]).status();
+        Self { path }
+    }
+
+    /// `/dev/loopNpK`.
+    pub fn partition(&self, n: u32) -> PathBuf {
+        PathBuf::from(format!("{}p{n}", self.path.display()))
+    }
+
+    /// Waits until partition node `n` exists. Kernels built without CONFIG_EFI_PARTITION
+    /// (this sandbox's is one) never scan the GPT themselves, so after a short wait the
+    /// partitions are registered from user space with `partx -a` (BLKPG ioctls).
+    pub fn wait_partition(&self, n: u32) -> PathBuf {
+        let p = self.partition(n);
+        for attempt in 0..100 {
+            if p.exists() {
+                return p;
+            }
+            if attempt == 10 {
+                let _ = Command::new("partx").arg("-a").arg(&self.path).status();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{} did not appear", p.display());
+    }
+
+    /// The path as &str.
+    pub fn as_str(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// Parses `abupdate status --json`.
+pub fn status_json(disk: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["status", "--disk", disk, "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&abupdate_ok(&args)).unwrap()
+}
+
+/// (priority, tries, successful) of partition `n` as cgpt reads it.
+pub fn cgpt_fields(disk: &str, n: u32) -> (u8, u8, bool) {
+    let i = n.to_string();
+    let get = |flag: &str| {
+        tool_ok("cgpt", &["show", "-i", &i, flag, disk])
+            .parse::<u8>()
+            .unwrap()
+    };
+    (get("-P"), get("-T"), get("-S") == 1)
+}
+
+/// Asserts `sgdisk -v` finds no problems.
+pub fn assert_sgdisk_clean(disk: &str) {
+    let (ok, text) = tool("sgdisk", &["-v", disk]);
+    assert!(
+        ok && text.contains("No problems found"),
+        "sgdisk -v {disk}: {text}"
+    );
+}
