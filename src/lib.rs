@@ -12,6 +12,8 @@
 //! - [`boot`]: the boot-time hook.
 //! - [`commit`]: the post-boot health commit and manual slot operations.
 //! - [`exit`]: the CLI's documented exit codes.
+//! - [`install`]: the verified streaming install pipeline.
+//! - [`slotio`]: bounded, direct I/O on the target slot.
 //! - [`bundle`]: the signed, chunked, zstd-compressed update bundle format.
 //! - [`sys`]: the only module with `unsafe` (ioctls, flock, aligned buffers).
 
@@ -24,7 +26,9 @@ pub mod exit;
 pub mod footer;
 pub mod gpt;
 pub mod init;
+pub mod install;
 pub mod running;
 pub mod select;
+pub mod slotio;
 pub mod slots;
 pub mod sys;

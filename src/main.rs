@@ -112,6 +112,49 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate an ed25519 signing key pair: NAME.key (mode 0600) and NAME.pub.
+    Keygen {
+        /// Output name (NAME.key and NAME.pub are written; neither may exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Bundle creation and inspection.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Verify a bundle and stream it into the inactive slot, then make that slot boot next.
+    Install {
+        /// Bundle file, block device holding a bundle, or `-` for stdin.
+        bundle: PathBuf,
+        #[command(flatten)]
+        disk: DiskArgs,
+        /// Trusted public key file or directory of *.pub files.
+        #[arg(long, default_value = "/etc/abupdate/keys")]
+        keyring: PathBuf,
+        /// Tries given to the new slot before it falls back.
+        #[arg(long, default_value_t = abupdate::select::DEFAULT_TRIES, value_parser = clap::value_parser!(u8).range(1..=15))]
+        tries: u8,
+        /// This device's compatible string (default: the running slot's recorded one).
+        #[arg(long)]
+        compatible: Option<String>,
+        /// Allow a version lower than the running slot's.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// The running slot, when it cannot be detected (default: the slot that boots next).
+        #[arg(long)]
+        running: Option<String>,
+        /// Reboot-required sentinel path, for fleet reboot coordinators such as kured.
+        #[arg(long, default_value = abupdate::install::DEFAULT_SENTINEL)]
+        sentinel: PathBuf,
+        /// Do not write the sentinel.
+        #[arg(long)]
+        no_sentinel: bool,
+        /// Reboot once the install succeeded.
+        #[arg(long)]
+        reboot: bool,
+        /// JSON lines: one object per progress event, then the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Low-level: set a slot's cgpt attributes directly (like `cgpt add -P -T -S`).
     SetAttributes {
         #[command(flatten)]
@@ -148,6 +191,56 @@ struct SlotArg {
     /// Slot label or letter (A, B); default: the running slot.
     #[arg(long)]
     slot: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Compress (zstd, all cores), hash and sign an image into a bundle.
+    Create {
+        /// The raw image (e.g. an ext4 or erofs root filesystem).
+        #[arg(long)]
+        image: PathBuf,
+        /// Secret key file (from `abupdate keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Image version string.
+        #[arg(long)]
+        version: String,
+        /// Compatible string: which devices the image is for.
+        #[arg(long)]
+        compatible: String,
+        /// Output bundle file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Uncompressed chunk size (64K to 64M, power of two).
+        #[arg(long, value_parser = parse_size, default_value = "4M")]
+        chunk_size: u64,
+    },
+    /// Show a bundle's header (and check its signature when a keyring is given).
+    Info {
+        /// The bundle file.
+        bundle: PathBuf,
+        /// Trusted key file or directory, to check the signature.
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fully verify a bundle: signature, every chunk, the whole-image hash.
+    Verify {
+        /// The bundle file.
+        bundle: PathBuf,
+        /// Trusted key directory (any *.pub in it may have signed).
+        #[arg(long, conflicts_with = "pubkey", required_unless_present = "pubkey")]
+        keyring: Option<PathBuf>,
+        /// A single trusted public key file.
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -299,6 +392,211 @@ fn commit_cmd(
     }
 }
 
+/// Progress display: a bar on a terminal, plain lines otherwise, nothing with --json.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    plain_next: u64,
+    label: String,
+    quiet: bool,
+}
+
+impl Progress {
+    fn new(label: &str, quiet: bool) -> Self {
+        use std::io::IsTerminal;
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(label.to_string());
+            bar
+        });
+        Self {
+            bar,
+            plain_next: 0,
+            label: label.to_string(),
+            quiet,
+        }
+    }
+
+    fn set_label(&mut self, label: &str) {
+        self.label = label.to_string();
+        self.plain_next = 0;
+        if let Some(bar) = &self.bar {
+            bar.set_message(label.to_string());
+            bar.set_position(0);
+        }
+    }
+
+    fn update(&mut self, done: u64, total: u64) {
+        if self.quiet {
+            return;
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        } else if done >= self.plain_next || done == total {
+            let pct = if total == 0 { 100 } else { done * 100 / total };
+            eprintln!("{}: {} / {} bytes ({pct}%)", self.label, done, total);
+            self.plain_next = done + total / 10;
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn load_keyring(path: &std::path::Path) -> Result<abupdate::bundle::Keyring> {
+    Ok(abupdate::bundle::Keyring::load(path)?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn install_cmd(
+    bundle: &std::path::Path,
+    args: &DiskArgs,
+    keyring: &std::path::Path,
+    mut options: abupdate::install::InstallOptions,
+    sentinel: PathBuf,
+    no_sentinel: bool,
+    reboot: bool,
+    json: bool,
+) -> Result<()> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let cancel = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&cancel))?;
+    }
+    options.sentinel = (!no_sentinel).then_some(sentinel);
+    let keyring = load_keyring(keyring)?;
+    let mut disk = open_disk_locked(args)?;
+    let source = abupdate::install::open_bundle_source(bundle)?;
+    let mut progress = Progress::new("writing", json);
+    let result = abupdate::install::install(&mut disk, source, &keyring, &options, &cancel, &mut |event| {
+        use abupdate::install::InstallEvent as E;
+        if json {
+            if let Ok(line) = serde_json::to_string(&event) {
+                println!("{line}");
+            }
+            return;
+        }
+        match &event {
+            E::Verified { version, compatible, image_size, key_id } => {
+                eprintln!("signature ok (key {key_id}): version {version}, compatible {compatible}, {image_size} bytes")
+            }
+            E::TargetInvalidated { running, target, path, direct_io, running_source } => {
+                eprintln!(
+                    "running {running} ({running_source}); writing {target} via {path}{}",
+                    if *direct_io { " (O_DIRECT)" } else { "" }
+                );
+            }
+            E::Written { bytes, total } => progress.update(*bytes, *total),
+            E::ReadBack { bytes, total } => {
+                if progress.label != "verifying" {
+                    progress.set_label("verifying");
+                }
+                progress.update(*bytes, *total)
+            }
+            E::ReadbackVerified { sha256 } => {
+                progress.finish();
+                eprintln!("read-back matches signed hash {sha256}");
+            }
+            E::Activated { slot, attributes } => eprintln!("{slot} boots next: {attributes}"),
+        }
+    });
+    progress.finish();
+    let report = result?;
+    if json {
+        println!("{}", serde_json::to_string(&serde_json::json!({"event": "done", "report": report}))?);
+    } else {
+        println!(
+            "installed {} into {} ({} bytes in {:.2} s: write {:.2} s, flush + verify {:.2} s); reboot to try it",
+            report.version, report.target, report.image_size, report.total_seconds, report.write_seconds, report.verify_seconds
+        );
+    }
+    if reboot {
+        drop(disk);
+        let status = std::process::Command::new("reboot").status()?;
+        anyhow::ensure!(status.success(), "reboot failed: {status}");
+    }
+    Ok(())
+}
+
+fn bundle_cmd(cmd: BundleCommand) -> Result<()> {
+    use abupdate::bundle::{cli_support, keys};
+    match cmd {
+        BundleCommand::Create {
+            image,
+            key,
+            version,
+            compatible,
+            out,
+            chunk_size,
+        } => {
+            let secret = keys::read_secret_key(&key)?;
+            let chunk_size = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size {chunk_size} is too large"))?;
+            let mut progress = Progress::new("compressing", false);
+            let header = abupdate::bundle::create_bundle(&image, &secret, &version, &compatible, chunk_size, &out, &mut |d, t| {
+                progress.update(d, t)
+            })?;
+            progress.finish();
+            println!(
+                "created {}: version {}, compatible {}, {} bytes in {} chunks, {} bytes on disk",
+                out.display(),
+                header.image_version,
+                header.compatible,
+                header.image_size,
+                header.chunk_count(),
+                header.bundle_len()
+            );
+            Ok(())
+        }
+        BundleCommand::Info { bundle, keyring, json } => {
+            let ring = keyring.as_deref().map(load_keyring).transpose()?;
+            let report = cli_support::info(&bundle, ring.as_ref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.to_json(true))?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        BundleCommand::Verify {
+            bundle,
+            keyring,
+            pubkey,
+            json,
+        } => {
+            let ring = load_keyring(keyring.as_deref().or(pubkey.as_deref()).expect("clap requires one"))?;
+            let mut progress = Progress::new("verifying", json);
+            let report = cli_support::verify(&bundle, &ring, 0, &mut |d, t| progress.update(d, t))?;
+            progress.finish();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{}: OK, signed by key {}, version {}, compatible {}, {} bytes, sha256 {} ({:.2} s)",
+                    bundle.display(),
+                    report.key_id,
+                    report.image_version,
+                    report.compatible,
+                    report.image_size,
+                    report.image_sha256,
+                    report.seconds
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 fn status(args: &DiskArgs, running_name: Option<&str>, json: bool) -> Result<()> {
     let mut disk = open_disk(args, false)?;
     let mut report = disk.status()?;
@@ -357,6 +655,39 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => status(&disk, running.as_deref(), json),
         Command::Boot { disk, format } => boot_hook(&disk, format),
+        Command::Keygen { out } => {
+            let report = abupdate::bundle::cli_support::keygen(&out)?;
+            println!(
+                "wrote {} (secret, mode 0600) and {} (public), key id {}",
+                report.secret_path.display(),
+                report.public_path.display(),
+                report.key_id
+            );
+            Ok(())
+        }
+        Command::Bundle(cmd) => bundle_cmd(cmd),
+        Command::Install {
+            bundle,
+            disk,
+            keyring,
+            tries,
+            compatible,
+            allow_downgrade,
+            running,
+            sentinel,
+            no_sentinel,
+            reboot,
+            json,
+        } => {
+            let options = abupdate::install::InstallOptions {
+                tries,
+                allow_downgrade,
+                compatible,
+                running,
+                ..Default::default()
+            };
+            install_cmd(&bundle, &disk, &keyring, options, sentinel, no_sentinel, reboot, json)
+        }
         Command::MarkGood { disk, slot, json } => {
             let mut ab = open_disk_locked(&disk)?;
             let index = target_slot(&ab, &disk, slot.slot.as_deref())?;
@@ -458,6 +789,23 @@ fn classify(err: &anyhow::Error) -> Exit {
         if cause.downcast_ref::<GptError>().is_some() || cause.downcast_ref::<SlotError>().is_some()
         {
             return Exit::Disk;
+        }
+        if let Some(e) = cause.downcast_ref::<abupdate::install::InstallError>() {
+            use abupdate::install::InstallError as I;
+            return match e {
+                I::Slot(_) | I::SlotIo(_) | I::NoRunningSlot => Exit::Disk,
+                I::Bundle(_) | I::TooLarge { .. } => Exit::BadBundle,
+                I::ReadbackMismatch { .. } => Exit::Disk,
+                I::Interrupted { .. } => Exit::Interrupted,
+                I::Sentinel { .. } => Exit::Failure,
+                other if other.is_refusal() => Exit::Refused,
+                _ => Exit::Failure,
+            };
+        }
+        if cause.downcast_ref::<abupdate::bundle::BundleError>().is_some()
+            || cause.downcast_ref::<abupdate::bundle::KeyError>().is_some()
+        {
+            return Exit::BadBundle;
         }
         if let Some(e) = cause.downcast_ref::<abupdate::boot::BootError>() {
             return match e {

@@ -51,6 +51,19 @@ pub fn reread_partitions(file: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// Drops the page cache of a byte range of `file`, so a following buffered read comes from
+/// the device. Used for read-back verification when `O_DIRECT` is not available.
+pub fn drop_page_cache(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("length too large"))?;
+    // SAFETY: posix_fadvise only reads its integer arguments.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
 /// Takes an exclusive advisory lock without waiting. `Ok(false)` when another holder has it.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     // SAFETY: flock only reads the descriptor number, which `file` keeps open.

@@ -1,0 +1,610 @@
+//! The install pipeline: verified streaming of a bundle into the inactive slot.
+//!
+//! Order of operations, each step a precondition of the next:
+//! 1. find the running slot and the target (the other slot); refuse if they coincide;
+//! 2. verify the bundle header's signature against the keyring (no byte is written before);
+//! 3. check compatible string, version (no downgrade unless allowed) and size against the slot;
+//! 4. mark the target unbootable (P0 T0 S0, crash-safe GPT write) and wipe its slot record;
+//! 5. stream: a reader thread, decompression + per-chunk SHA-256 on worker threads, and
+//!    aligned (O_DIRECT where possible) writes on this thread, overlapped; memory is bounded by
+//!    the bundle reader's in-flight chunk limit;
+//! 6. flush, then read the slot back (bypassing the page cache) and compare its SHA-256 with
+//!    the signed whole-image hash;
+//! 7. write the slot record (version, hash), flush;
+//! 8. flip: target priority above the others, tries = N, successful = 0 (crash-safe);
+//! 9. write the reboot-required sentinel.
+//!
+//! A failure or signal anywhere before step 8 leaves the target unbootable and the running
+//! slot as it was; the GPT of a disk is only ever changed by the crash-safe writer.
+
+use std::cmp::Ordering;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::attrs::SlotAttributes;
+use crate::blockdev::FileDevice;
+use crate::bundle::{BundleError, BundleReader, Keyring};
+use crate::footer::{self, SlotRecord, RECORD_BYTES};
+use crate::running::{self, RunningSource};
+use crate::select;
+use crate::slotio::{SlotIoError, SlotTarget};
+use crate::slots::{partition_device_path, AbDisk, SlotError};
+
+/// Default path of the reboot-required sentinel (watched by kured and similar).
+pub const DEFAULT_SENTINEL: &str = "/run/reboot-required";
+
+/// Errors of an install. Every variant leaves the running slot untouched and, from the
+/// invalidation step on, the target unbootable.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// Disk or slot error.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// The bundle was refused or failed verification.
+    #[error("bundle refused: {0}")]
+    Bundle(#[from] BundleError),
+    /// Slot I/O failed.
+    #[error(transparent)]
+    SlotIo(#[from] SlotIoError),
+    /// No slot boots and none was named as running.
+    #[error("cannot tell which slot is running and none is bootable: pass --running")]
+    NoRunningSlot,
+    /// The install target would be the running slot.
+    #[error("refusing to install into {slot}: it is the running slot")]
+    TargetIsRunning {
+        /// The slot.
+        slot: String,
+    },
+    /// The bundle is for other devices.
+    #[error("bundle is for {bundle:?}, this device is {device:?}")]
+    Incompatible {
+        /// Bundle compatible string.
+        bundle: String,
+        /// Device compatible string.
+        device: String,
+    },
+    /// The device's compatible string is not known.
+    #[error("the device's compatible string is unknown (no --compatible and {slot} has no slot record)")]
+    CompatibleUnknown {
+        /// The running slot.
+        slot: String,
+    },
+    /// The bundle is older than the running slot.
+    #[error("bundle version {bundle} is older than running version {running} on {slot} (use --allow-downgrade)")]
+    Downgrade {
+        /// Bundle version.
+        bundle: String,
+        /// Running version.
+        running: String,
+        /// The running slot.
+        slot: String,
+    },
+    /// The image does not fit.
+    #[error("image of {image} bytes does not fit slot {slot}: {usable} bytes usable ({slot_size}-byte partition minus the {record}-byte slot record)")]
+    TooLarge {
+        /// Image size.
+        image: u64,
+        /// Target slot.
+        slot: String,
+        /// Usable bytes.
+        usable: u64,
+        /// Partition size.
+        slot_size: u64,
+        /// Record size.
+        record: u64,
+    },
+    /// The slot read back differs from the signed image hash.
+    #[error("read-back of {slot} does not match the signed image hash (expected {expected}, read {actual}); slot left unbootable")]
+    ReadbackMismatch {
+        /// Target slot.
+        slot: String,
+        /// Signed hash.
+        expected: String,
+        /// Hash of what was read.
+        actual: String,
+    },
+    /// Interrupted by a signal.
+    #[error("interrupted; {slot} left unbootable, running slot untouched")]
+    Interrupted {
+        /// Target slot.
+        slot: String,
+    },
+    /// Writing the sentinel failed (the install itself succeeded).
+    #[error("install succeeded but writing the reboot sentinel {path} failed: {source}")]
+    Sentinel {
+        /// Sentinel path.
+        path: PathBuf,
+        /// OS error.
+        source: io::Error,
+    },
+}
+
+/// Install settings.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    /// Tries given to the new slot.
+    pub tries: u8,
+    /// Allow installing a version lower than the running one.
+    pub allow_downgrade: bool,
+    /// The device's compatible string; default: the running slot's recorded one.
+    pub compatible: Option<String>,
+    /// The running slot's label or letter, when it cannot be detected.
+    pub running: Option<String>,
+    /// Where to write the reboot-required sentinel; `None` for no sentinel.
+    pub sentinel: Option<PathBuf>,
+    /// Decompression worker threads (0: one per core).
+    pub workers: usize,
+}
+
+impl Default for InstallOptions {
+    fn default() -> Self {
+        Self {
+            tries: select::DEFAULT_TRIES,
+            allow_downgrade: false,
+            compatible: None,
+            running: None,
+            sentinel: Some(PathBuf::from(DEFAULT_SENTINEL)),
+            workers: 0,
+        }
+    }
+}
+
+/// Progress events, in order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum InstallEvent {
+    /// The signature verified.
+    Verified {
+        /// Image version.
+        version: String,
+        /// Compatible string.
+        compatible: String,
+        /// Image size.
+        image_size: u64,
+        /// Key id that verified.
+        key_id: String,
+    },
+    /// Target chosen and made unbootable.
+    TargetInvalidated {
+        /// Running slot.
+        running: String,
+        /// How the running slot was found.
+        running_source: String,
+        /// Target slot.
+        target: String,
+        /// Path written.
+        path: String,
+        /// Whether O_DIRECT is used.
+        direct_io: bool,
+    },
+    /// Bytes written so far.
+    Written {
+        /// Bytes written.
+        bytes: u64,
+        /// Total.
+        total: u64,
+    },
+    /// Bytes read back and hashed so far.
+    ReadBack {
+        /// Bytes verified.
+        bytes: u64,
+        /// Total.
+        total: u64,
+    },
+    /// The slot matched the signed hash.
+    ReadbackVerified {
+        /// SHA-256.
+        sha256: String,
+    },
+    /// The slot was flipped.
+    Activated {
+        /// Slot.
+        slot: String,
+        /// New attributes.
+        attributes: String,
+    },
+}
+
+/// Summary of a finished install.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallReport {
+    /// Running slot.
+    pub running: String,
+    /// Target slot.
+    pub target: String,
+    /// Installed version.
+    pub version: String,
+    /// Image size.
+    pub image_size: u64,
+    /// Image SHA-256.
+    pub sha256: String,
+    /// Seconds spent writing (decompress + verify + write).
+    pub write_seconds: f64,
+    /// Seconds spent on flush + read-back verification.
+    pub verify_seconds: f64,
+    /// Total seconds.
+    pub total_seconds: f64,
+    /// Whether O_DIRECT was used.
+    pub direct_io: bool,
+    /// Target attributes after the flip.
+    pub attributes: String,
+    /// Sentinel written, if any.
+    pub sentinel: Option<String>,
+}
+
+/// Compares version strings the way package managers broadly do: split into runs of digits
+/// and non-digits; digit runs compare numerically, others as text.
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    fn parts(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let ord = match (x, y) {
+            ((true, x), (true, y)) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            ((_, x), (_, y)) => x.cmp(y),
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+/// Runs an install of `bundle` onto `disk`. `cancel` is polled between chunks (set it from a
+/// signal handler); `events` receives progress.
+pub fn install<R: Read + Send>(
+    disk: &mut AbDisk<FileDevice>,
+    bundle: R,
+    keyring: &Keyring,
+    options: &InstallOptions,
+    cancel: &AtomicBool,
+    events: &mut dyn FnMut(InstallEvent),
+) -> Result<InstallReport, InstallError> {
+    let started = Instant::now();
+    let disk_path = disk.dev.path().to_path_buf();
+    let slots = disk.slots()?;
+    let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
+
+    // 1. Running and target slots.
+    let (running, source) = match &options.running {
+        Some(name) => (disk.slot_index(&slots, name)?, RunningSource::Explicit),
+        None => match running::detect(&disk_path, disk.dev.is_block_device(), &slots) {
+            Some(found) => found,
+            None => (
+                select::next_slot(&attrs).ok_or(InstallError::NoRunningSlot)?,
+                RunningSource::Explicit,
+            ),
+        },
+    };
+    let source_text = match (&options.running, source) {
+        (None, RunningSource::Explicit) => "next-boot".to_string(),
+        (_, s) => serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+    };
+    let target = (0..slots.len()).find(|&i| i != running).ok_or_else(|| InstallError::TargetIsRunning {
+        slot: slots[running].name.clone(),
+    })?;
+    let sector_size = disk.gpt.sector_size();
+    let running_record = footer::read_record(&mut disk.dev, &slots[running], sector_size);
+
+    // 2. Signature before anything else.
+    let mut reader = BundleReader::new(bundle, keyring)?;
+    let header = reader.header().clone();
+    events(InstallEvent::Verified {
+        version: header.image_version.clone(),
+        compatible: header.compatible.clone(),
+        image_size: header.image_size,
+        key_id: reader.matched_key().to_string(),
+    });
+
+    // 3. Policy and size.
+    let device_compatible = match (&options.compatible, &running_record) {
+        (Some(c), _) => c.clone(),
+        (None, Some(r)) => r.compatible.clone(),
+        (None, None) => {
+            return Err(InstallError::CompatibleUnknown {
+                slot: slots[running].name.clone(),
+            })
+        }
+    };
+    if header.compatible != device_compatible {
+        return Err(InstallError::Incompatible {
+            bundle: header.compatible.clone(),
+            device: device_compatible,
+        });
+    }
+    if let Some(r) = &running_record {
+        if !options.allow_downgrade && compare_versions(&header.image_version, &r.version) == Ordering::Less {
+            return Err(InstallError::Downgrade {
+                bundle: header.image_version.clone(),
+                running: r.version.clone(),
+                slot: slots[running].name.clone(),
+            });
+        }
+    }
+    let slot = &slots[target];
+    let slot_size = slot.size_bytes(sector_size);
+    let usable = footer::max_image_size(slot_size);
+    if header.image_size > usable {
+        return Err(InstallError::TooLarge {
+            image: header.image_size,
+            slot: slot.name.clone(),
+            usable,
+            slot_size,
+            record: RECORD_BYTES,
+        });
+    }
+
+    // 4. Target unbootable before its bytes change; its old record goes too.
+    let mut invalid = attrs.clone();
+    invalid[target] = select::invalidate(attrs[target]);
+    disk.write_slot_attributes(&slots, &invalid)?;
+    let node = partition_device_path(&disk_path, slot.partition());
+    let out = SlotTarget::open_for_write(
+        &slot.name,
+        &disk_path,
+        disk.dev.is_block_device(),
+        &node,
+        slot.offset_bytes(sector_size),
+        slot_size,
+    )?;
+    let record_offset = slot_size - RECORD_BYTES;
+    let mut record_buf = SlotTarget::buffer(RECORD_BYTES as usize);
+    out.write_at(&slot.name, &record_buf, record_offset)?;
+    events(InstallEvent::TargetInvalidated {
+        running: slots[running].name.clone(),
+        running_source: source_text,
+        target: slot.name.clone(),
+        path: out.path().display().to_string(),
+        direct_io: out.is_direct(),
+    });
+
+    // 5. Stream.
+    let total = header.image_size;
+    let mut write_buf = SlotTarget::buffer(header.chunk_size as usize);
+    let mut sink_error: Option<InstallError> = None;
+    let workers = if options.workers == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        options.workers
+    };
+    let mut last_event = Instant::now();
+    let stream_result = reader.read_parallel(workers, &mut |chunk| {
+        if cancel.load(AtomicOrdering::Relaxed) {
+            sink_error = Some(InstallError::Interrupted { slot: slot.name.clone() });
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+        }
+        // Direct I/O needs an aligned buffer and a length in whole blocks: copy the verified
+        // chunk in and zero-pad the tail (which stays below the slot record).
+        let padded = chunk.data.len().next_multiple_of(crate::slotio::DIRECT_ALIGN);
+        write_buf[..chunk.data.len()].copy_from_slice(chunk.data);
+        write_buf[chunk.data.len()..padded].fill(0);
+        if let Err(e) = out.write_at(&slot.name, &write_buf[..padded], chunk.image_offset) {
+            let io = io::Error::other(e.to_string());
+            sink_error = Some(e.into());
+            return Err(io);
+        }
+        let done = chunk.image_offset + chunk.data.len() as u64;
+        if last_event.elapsed().as_millis() >= 200 || done == total {
+            last_event = Instant::now();
+            events(InstallEvent::Written { bytes: done, total });
+        }
+        Ok(())
+    });
+    if let Err(e) = stream_result {
+        return Err(sink_error.take().unwrap_or(InstallError::Bundle(e)));
+    }
+    let write_seconds = started.elapsed().as_secs_f64();
+
+    // 6. Flush, then read back and compare with the signed hash.
+    let verify_started = Instant::now();
+    out.sync(&slot.name)?;
+    let actual = read_back_hash(&out, &slot.name, total, cancel, events)?;
+    if actual != header.image_sha256 {
+        return Err(InstallError::ReadbackMismatch {
+            slot: slot.name.clone(),
+            expected: hex::encode(header.image_sha256),
+            actual: hex::encode(actual),
+        });
+    }
+    events(InstallEvent::ReadbackVerified {
+        sha256: hex::encode(actual),
+    });
+
+    // 7. Slot record.
+    let record = SlotRecord {
+        image_size: total,
+        image_sha256: header.image_sha256,
+        version: header.image_version.clone(),
+        compatible: header.compatible.clone(),
+    };
+    record_buf.copy_from_slice(&record.encode());
+    out.write_at(&slot.name, &record_buf, record_offset)?;
+    out.sync(&slot.name)?;
+    let verify_seconds = verify_started.elapsed().as_secs_f64();
+    if cancel.load(AtomicOrdering::Relaxed) {
+        return Err(InstallError::Interrupted { slot: slot.name.clone() });
+    }
+
+    // 8. Flip. Re-read the slots: the write above went through the partition, not the GPT,
+    // so the in-memory GPT is current; the invalidated state is the base.
+    let slots = disk.slots()?;
+    let now: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
+    let flipped = select::activate_for_trial(&now, target, options.tries);
+    disk.write_slot_attributes(&slots, &flipped)?;
+    events(InstallEvent::Activated {
+        slot: slots[target].name.clone(),
+        attributes: flipped[target].to_string(),
+    });
+
+    // 9. Sentinel.
+    let sentinel = match &options.sentinel {
+        Some(path) => {
+            write_sentinel(path, &slots[target].name, &header.image_version)
+                .map_err(|source| InstallError::Sentinel {
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(path.display().to_string())
+        }
+        None => None,
+    };
+    Ok(InstallReport {
+        running: slots[running].name.clone(),
+        target: slots[target].name.clone(),
+        version: header.image_version.clone(),
+        image_size: total,
+        sha256: hex::encode(header.image_sha256),
+        write_seconds,
+        verify_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        direct_io: out.is_direct(),
+        attributes: flipped[target].to_string(),
+        sentinel,
+    })
+}
+
+/// Reads `len` bytes of the slot back and hashes them, with the reads on a helper thread so
+/// the device and the hash run at the same time. Two 8 MiB buffers circulate.
+fn read_back_hash(
+    out: &SlotTarget,
+    slot: &str,
+    len: u64,
+    cancel: &AtomicBool,
+    events: &mut dyn FnMut(InstallEvent),
+) -> Result<[u8; 32], InstallError> {
+    const BUF: usize = 8 << 20;
+    let (full_tx, full_rx) = mpsc::sync_channel::<(crate::sys::AlignedBuf, usize)>(2);
+    let (empty_tx, empty_rx) = mpsc::sync_channel::<crate::sys::AlignedBuf>(2);
+    for _ in 0..2 {
+        empty_tx.send(SlotTarget::buffer(BUF)).expect("channel open");
+    }
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Result<(), SlotIoError> {
+            let mut offset = 0u64;
+            while offset < len {
+                let Ok(mut buf) = empty_rx.recv() else { return Ok(()) };
+                let want = ((len - offset) as usize).min(BUF);
+                let aligned = want.next_multiple_of(crate::slotio::DIRECT_ALIGN);
+                out.read_at(slot, &mut buf[..aligned], offset)?;
+                if full_tx.send((buf, want)).is_err() {
+                    return Ok(());
+                }
+                offset += want as u64;
+            }
+            Ok(())
+        });
+        let mut hasher = Sha256::new();
+        let mut done = 0u64;
+        let mut last_event = Instant::now();
+        let mut interrupted = false;
+        while done < len {
+            let Ok((buf, n)) = full_rx.recv() else { break };
+            hasher.update(&buf[..n]);
+            done += n as u64;
+            if cancel.load(AtomicOrdering::Relaxed) {
+                interrupted = true;
+                break;
+            }
+            let _ = empty_tx.send(buf);
+            if last_event.elapsed().as_millis() >= 200 || done == len {
+                last_event = Instant::now();
+                events(InstallEvent::ReadBack { bytes: done, total: len });
+            }
+        }
+        drop(full_rx);
+        drop(empty_tx);
+        reader.join().map_err(|_| {
+            InstallError::Bundle(BundleError::Internal("read-back thread panicked".into()))
+        })??;
+        if interrupted {
+            return Err(InstallError::Interrupted { slot: slot.to_string() });
+        }
+        Ok(hasher.finalize().into())
+    })
+}
+
+/// Writes the reboot-required sentinel atomically (temp file + rename).
+fn write_sentinel(path: &Path, slot: &str, version: &str) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = path.with_extension("abupdate-tmp");
+    std::fs::write(&tmp, format!("abupdate: {version} installed in {slot}; reboot to boot it\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Opens a bundle source: `-` for stdin, a block device (read up to the bundle's own declared
+/// length, so a bundle on a raw disk may be followed by padding), or a file.
+pub fn open_bundle_source(path: &Path) -> Result<Box<dyn Read + Send>, BundleError> {
+    use std::os::unix::fs::FileTypeExt;
+    if path == Path::new("-") {
+        return Ok(Box::new(io::BufReader::with_capacity(1 << 20, io::stdin())));
+    }
+    let io_err = |e| BundleError::Io {
+        context: format!("opening bundle {}", path.display()),
+        source: e,
+    };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let is_block = file.metadata().map_err(io_err)?.file_type().is_block_device();
+    if is_block {
+        let header = crate::bundle::read_unverified_header(&mut io::BufReader::new(&file))?;
+        let len = header.bundle_len();
+        let file = std::fs::File::open(path).map_err(io_err)?;
+        return Ok(Box::new(io::BufReader::with_capacity(1 << 20, file.take(len))));
+    }
+    Ok(Box::new(io::BufReader::with_capacity(1 << 20, file)))
+}
+
+/// Exit-code class helpers for the CLI.
+impl InstallError {
+    /// Whether the error is a policy refusal (downgrade, incompatible, target running).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            InstallError::Downgrade { .. }
+                | InstallError::Incompatible { .. }
+                | InstallError::TargetIsRunning { .. }
+                | InstallError::CompatibleUnknown { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_ordering() {
+        use Ordering::*;
+        for (a, b, o) in [
+            ("1.0", "1.0", Equal),
+            ("1.10", "1.9", Greater),
+            ("2", "10", Less),
+            ("v2", "v3", Less),
+            ("1.0.1", "1.0", Greater),
+            ("2025.06.1", "2025.06.01", Equal),
+            ("1.0-rc1", "1.0-rc2", Less),
+        ] {
+            assert_eq!(compare_versions(a, b), o, "{a} vs {b}");
+        }
+    }
+}
