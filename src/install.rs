@@ -70,7 +70,9 @@ pub enum InstallError {
         device: String,
     },
     /// The device's compatible string is not known.
-    #[error("the device's compatible string is unknown (no --compatible and {slot} has no slot record)")]
+    #[error(
+        "the device's compatible string is unknown (no --compatible and {slot} has no slot record)"
+    )]
     CompatibleUnknown {
         /// The running slot.
         slot: String,
@@ -297,11 +299,17 @@ pub fn install<R: Read + Send>(
     };
     let source_text = match (&options.running, source) {
         (None, RunningSource::Explicit) => "next-boot".to_string(),
-        (_, s) => serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+        (_, s) => serde_json::to_value(s)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
     };
-    let target = (0..slots.len()).find(|&i| i != running).ok_or_else(|| InstallError::TargetIsRunning {
-        slot: slots[running].name.clone(),
-    })?;
+    let target =
+        (0..slots.len())
+            .find(|&i| i != running)
+            .ok_or_else(|| InstallError::TargetIsRunning {
+                slot: slots[running].name.clone(),
+            })?;
     let sector_size = disk.gpt.sector_size();
     let running_record = footer::read_record(&mut disk.dev, &slots[running], sector_size);
 
@@ -332,7 +340,9 @@ pub fn install<R: Read + Send>(
         });
     }
     if let Some(r) = &running_record {
-        if !options.allow_downgrade && compare_versions(&header.image_version, &r.version) == Ordering::Less {
+        if !options.allow_downgrade
+            && compare_versions(&header.image_version, &r.version) == Ordering::Less
+        {
             return Err(InstallError::Downgrade {
                 bundle: header.image_version.clone(),
                 running: r.version.clone(),
@@ -389,12 +399,17 @@ pub fn install<R: Read + Send>(
     let mut last_event = Instant::now();
     let stream_result = reader.read_parallel(workers, &mut |chunk| {
         if cancel.load(AtomicOrdering::Relaxed) {
-            sink_error = Some(InstallError::Interrupted { slot: slot.name.clone() });
+            sink_error = Some(InstallError::Interrupted {
+                slot: slot.name.clone(),
+            });
             return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
         }
         // Direct I/O needs an aligned buffer and a length in whole blocks: copy the verified
         // chunk in and zero-pad the tail (which stays below the slot record).
-        let padded = chunk.data.len().next_multiple_of(crate::slotio::DIRECT_ALIGN);
+        let padded = chunk
+            .data
+            .len()
+            .next_multiple_of(crate::slotio::DIRECT_ALIGN);
         write_buf[..chunk.data.len()].copy_from_slice(chunk.data);
         write_buf[chunk.data.len()..padded].fill(0);
         if let Err(e) = out.write_at(&slot.name, &write_buf[..padded], chunk.image_offset) {
@@ -441,7 +456,9 @@ pub fn install<R: Read + Send>(
     out.sync(&slot.name)?;
     let verify_seconds = verify_started.elapsed().as_secs_f64();
     if cancel.load(AtomicOrdering::Relaxed) {
-        return Err(InstallError::Interrupted { slot: slot.name.clone() });
+        return Err(InstallError::Interrupted {
+            slot: slot.name.clone(),
+        });
     }
 
     // 8. Flip. Re-read the slots: the write above went through the partition, not the GPT,
@@ -458,11 +475,12 @@ pub fn install<R: Read + Send>(
     // 9. Sentinel.
     let sentinel = match &options.sentinel {
         Some(path) => {
-            write_sentinel(path, &slots[target].name, &header.image_version)
-                .map_err(|source| InstallError::Sentinel {
+            write_sentinel(path, &slots[target].name, &header.image_version).map_err(|source| {
+                InstallError::Sentinel {
                     path: path.clone(),
                     source,
-                })?;
+                }
+            })?;
             Some(path.display().to_string())
         }
         None => None,
@@ -495,13 +513,17 @@ fn read_back_hash(
     let (full_tx, full_rx) = mpsc::sync_channel::<(crate::sys::AlignedBuf, usize)>(2);
     let (empty_tx, empty_rx) = mpsc::sync_channel::<crate::sys::AlignedBuf>(2);
     for _ in 0..2 {
-        empty_tx.send(SlotTarget::buffer(BUF)).expect("channel open");
+        empty_tx
+            .send(SlotTarget::buffer(BUF))
+            .expect("channel open");
     }
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || -> Result<(), SlotIoError> {
             let mut offset = 0u64;
             while offset < len {
-                let Ok(mut buf) = empty_rx.recv() else { return Ok(()) };
+                let Ok(mut buf) = empty_rx.recv() else {
+                    return Ok(());
+                };
                 let want = ((len - offset) as usize).min(BUF);
                 let aligned = want.next_multiple_of(crate::slotio::DIRECT_ALIGN);
                 out.read_at(slot, &mut buf[..aligned], offset)?;
@@ -527,7 +549,10 @@ fn read_back_hash(
             let _ = empty_tx.send(buf);
             if last_event.elapsed().as_millis() >= 200 || done == len {
                 last_event = Instant::now();
-                events(InstallEvent::ReadBack { bytes: done, total: len });
+                events(InstallEvent::ReadBack {
+                    bytes: done,
+                    total: len,
+                });
             }
         }
         drop(full_rx);
@@ -536,7 +561,9 @@ fn read_back_hash(
             InstallError::Bundle(BundleError::Internal("read-back thread panicked".into()))
         })??;
         if interrupted {
-            return Err(InstallError::Interrupted { slot: slot.to_string() });
+            return Err(InstallError::Interrupted {
+                slot: slot.to_string(),
+            });
         }
         Ok(hasher.finalize().into())
     })
@@ -548,7 +575,10 @@ fn write_sentinel(path: &Path, slot: &str, version: &str) -> io::Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     let tmp = path.with_extension("abupdate-tmp");
-    std::fs::write(&tmp, format!("abupdate: {version} installed in {slot}; reboot to boot it\n"))?;
+    std::fs::write(
+        &tmp,
+        format!("abupdate: {version} installed in {slot}; reboot to boot it\n"),
+    )?;
     std::fs::rename(&tmp, path)
 }
 
@@ -564,12 +594,19 @@ pub fn open_bundle_source(path: &Path) -> Result<Box<dyn Read + Send>, BundleErr
         source: e,
     };
     let file = std::fs::File::open(path).map_err(io_err)?;
-    let is_block = file.metadata().map_err(io_err)?.file_type().is_block_device();
+    let is_block = file
+        .metadata()
+        .map_err(io_err)?
+        .file_type()
+        .is_block_device();
     if is_block {
         let header = crate::bundle::read_unverified_header(&mut io::BufReader::new(&file))?;
         let len = header.bundle_len();
         let file = std::fs::File::open(path).map_err(io_err)?;
-        return Ok(Box::new(io::BufReader::with_capacity(1 << 20, file.take(len))));
+        return Ok(Box::new(io::BufReader::with_capacity(
+            1 << 20,
+            file.take(len),
+        )));
     }
     Ok(Box::new(io::BufReader::with_capacity(1 << 20, file)))
 }

@@ -479,42 +479,63 @@ fn install_cmd(
     let mut disk = open_disk_locked(args)?;
     let source = abupdate::install::open_bundle_source(bundle)?;
     let mut progress = Progress::new("writing", json);
-    let result = abupdate::install::install(&mut disk, source, &keyring, &options, &cancel, &mut |event| {
-        use abupdate::install::InstallEvent as E;
-        if json {
-            if let Ok(line) = serde_json::to_string(&event) {
-                println!("{line}");
-            }
-            return;
-        }
-        match &event {
-            E::Verified { version, compatible, image_size, key_id } => {
-                eprintln!("signature ok (key {key_id}): version {version}, compatible {compatible}, {image_size} bytes")
-            }
-            E::TargetInvalidated { running, target, path, direct_io, running_source } => {
-                eprintln!(
-                    "running {running} ({running_source}); writing {target} via {path}{}",
-                    if *direct_io { " (O_DIRECT)" } else { "" }
-                );
-            }
-            E::Written { bytes, total } => progress.update(*bytes, *total),
-            E::ReadBack { bytes, total } => {
-                if progress.label != "verifying" {
-                    progress.set_label("verifying");
+    let result = abupdate::install::install(
+        &mut disk,
+        source,
+        &keyring,
+        &options,
+        &cancel,
+        &mut |event| {
+            use abupdate::install::InstallEvent as E;
+            if json {
+                if let Ok(line) = serde_json::to_string(&event) {
+                    println!("{line}");
                 }
-                progress.update(*bytes, *total)
+                return;
             }
-            E::ReadbackVerified { sha256 } => {
-                progress.finish();
-                eprintln!("read-back matches signed hash {sha256}");
+            match &event {
+                E::Verified {
+                    version,
+                    compatible,
+                    image_size,
+                    key_id,
+                } => {
+                    eprintln!("signature ok (key {key_id}): version {version}, compatible {compatible}, {image_size} bytes")
+                }
+                E::TargetInvalidated {
+                    running,
+                    target,
+                    path,
+                    direct_io,
+                    running_source,
+                } => {
+                    eprintln!(
+                        "running {running} ({running_source}); writing {target} via {path}{}",
+                        if *direct_io { " (O_DIRECT)" } else { "" }
+                    );
+                }
+                E::Written { bytes, total } => progress.update(*bytes, *total),
+                E::ReadBack { bytes, total } => {
+                    if progress.label != "verifying" {
+                        progress.set_label("verifying");
+                    }
+                    progress.update(*bytes, *total)
+                }
+                E::ReadbackVerified { sha256 } => {
+                    progress.finish();
+                    eprintln!("read-back matches signed hash {sha256}");
+                }
+                E::Activated { slot, attributes } => eprintln!("{slot} boots next: {attributes}"),
             }
-            E::Activated { slot, attributes } => eprintln!("{slot} boots next: {attributes}"),
-        }
-    });
+        },
+    );
     progress.finish();
     let report = result?;
     if json {
-        println!("{}", serde_json::to_string(&serde_json::json!({"event": "done", "report": report}))?);
+        println!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({"event": "done", "report": report}))?
+        );
     } else {
         println!(
             "installed {} into {} ({} bytes in {:.2} s: write {:.2} s, flush + verify {:.2} s); reboot to try it",
@@ -541,11 +562,18 @@ fn bundle_cmd(cmd: BundleCommand) -> Result<()> {
             chunk_size,
         } => {
             let secret = keys::read_secret_key(&key)?;
-            let chunk_size = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size {chunk_size} is too large"))?;
+            let chunk_size = u32::try_from(chunk_size)
+                .map_err(|_| anyhow::anyhow!("chunk size {chunk_size} is too large"))?;
             let mut progress = Progress::new("compressing", false);
-            let header = abupdate::bundle::create_bundle(&image, &secret, &version, &compatible, chunk_size, &out, &mut |d, t| {
-                progress.update(d, t)
-            })?;
+            let header = abupdate::bundle::create_bundle(
+                &image,
+                &secret,
+                &version,
+                &compatible,
+                chunk_size,
+                &out,
+                &mut |d, t| progress.update(d, t),
+            )?;
             progress.finish();
             println!(
                 "created {}: version {}, compatible {}, {} bytes in {} chunks, {} bytes on disk",
@@ -558,7 +586,11 @@ fn bundle_cmd(cmd: BundleCommand) -> Result<()> {
             );
             Ok(())
         }
-        BundleCommand::Info { bundle, keyring, json } => {
+        BundleCommand::Info {
+            bundle,
+            keyring,
+            json,
+        } => {
             let ring = keyring.as_deref().map(load_keyring).transpose()?;
             let report = cli_support::info(&bundle, ring.as_ref())?;
             if json {
@@ -574,7 +606,12 @@ fn bundle_cmd(cmd: BundleCommand) -> Result<()> {
             pubkey,
             json,
         } => {
-            let ring = load_keyring(keyring.as_deref().or(pubkey.as_deref()).expect("clap requires one"))?;
+            let ring = load_keyring(
+                keyring
+                    .as_deref()
+                    .or(pubkey.as_deref())
+                    .expect("clap requires one"),
+            )?;
             let mut progress = Progress::new("verifying", json);
             let report = cli_support::verify(&bundle, &ring, 0, &mut |d, t| progress.update(d, t))?;
             progress.finish();
@@ -686,7 +723,16 @@ fn run(cli: Cli) -> Result<()> {
                 running,
                 ..Default::default()
             };
-            install_cmd(&bundle, &disk, &keyring, options, sentinel, no_sentinel, reboot, json)
+            install_cmd(
+                &bundle,
+                &disk,
+                &keyring,
+                options,
+                sentinel,
+                no_sentinel,
+                reboot,
+                json,
+            )
         }
         Command::MarkGood { disk, slot, json } => {
             let mut ab = open_disk_locked(&disk)?;
@@ -802,7 +848,9 @@ fn classify(err: &anyhow::Error) -> Exit {
                 _ => Exit::Failure,
             };
         }
-        if cause.downcast_ref::<abupdate::bundle::BundleError>().is_some()
+        if cause
+            .downcast_ref::<abupdate::bundle::BundleError>()
+            .is_some()
             || cause.downcast_ref::<abupdate::bundle::KeyError>().is_some()
         {
             return Exit::BadBundle;

@@ -101,11 +101,12 @@ impl SlotTarget {
         offset: u64,
         len: u64,
     ) -> Result<Self, SlotIoError> {
-        let (path, base) = if disk_is_block_device && partition_node_matches(partition_node, offset, len) {
-            (partition_node.to_path_buf(), 0)
-        } else {
-            (disk.to_path_buf(), offset)
-        };
+        let (path, base) =
+            if disk_is_block_device && partition_node_matches(partition_node, offset, len) {
+                (partition_node.to_path_buf(), 0)
+            } else {
+                (disk.to_path_buf(), offset)
+            };
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
             o.read(true).write(true);
@@ -169,25 +170,29 @@ impl SlotTarget {
     /// multiple of [`DIRECT_ALIGN`] long (use [`AlignedBuf`]).
     pub fn write_at(&self, slot: &str, buf: &[u8], offset: u64) -> Result<(), SlotIoError> {
         let at = self.check(slot, offset, buf.len())?;
-        self.file.write_all_at(buf, at).map_err(|source| SlotIoError::Io {
-            what: "writing",
-            slot: slot.into(),
-            path: self.path.clone(),
-            offset,
-            source,
-        })
+        self.file
+            .write_all_at(buf, at)
+            .map_err(|source| SlotIoError::Io {
+                what: "writing",
+                slot: slot.into(),
+                path: self.path.clone(),
+                offset,
+                source,
+            })
     }
 
     /// Reads into `buf` at `offset` within the slot (same alignment rules as writing).
     pub fn read_at(&self, slot: &str, buf: &mut [u8], offset: u64) -> Result<(), SlotIoError> {
         let at = self.check(slot, offset, buf.len())?;
-        self.file.read_exact_at(buf, at).map_err(|source| SlotIoError::Io {
-            what: "reading back",
-            slot: slot.into(),
-            path: self.path.clone(),
-            offset,
-            source,
-        })
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(|source| SlotIoError::Io {
+                what: "reading back",
+                slot: slot.into(),
+                path: self.path.clone(),
+                offset,
+                source,
+            })
     }
 
     /// Makes every write durable.

@@ -186,3 +186,86 @@ pub fn assert_sgdisk_clean(disk: &str) {
         "sgdisk -v {disk}: {text}"
     );
 }
+
+/// The committed test-only signing key (never use it for real images).
+pub fn test_key() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/test-keys/TEST-ONLY-DO-NOT-USE.key")
+}
+
+/// The public half of [`test_key`].
+pub fn test_pubkey() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/test-keys/TEST-ONLY-DO-NOT-USE.pub")
+}
+
+/// Writes a deterministic, half-compressible image of `size` bytes (pseudo-random blocks
+/// alternating with runs of a repeated pattern), different for each `seed`.
+pub fn make_image(path: &Path, size: usize, seed: u64) {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut data = Vec::with_capacity(size);
+    while data.len() < size {
+        let block = (size - data.len()).min(4096);
+        if (data.len() / 4096) % 2 == 0 {
+            for _ in 0..block {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                data.push(state as u8);
+            }
+        } else {
+            data.extend(std::iter::repeat_n((seed as u8).wrapping_add(0x41), block));
+        }
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+/// Bundles `image` with the test key.
+pub fn make_bundle(image: &Path, version: &str, compatible: &str, out: &Path) {
+    abupdate_ok(&[
+        "bundle",
+        "create",
+        "--image",
+        image.to_str().unwrap(),
+        "--key",
+        test_key().to_str().unwrap(),
+        "--version",
+        version,
+        "--compatible",
+        compatible,
+        "--out",
+        out.to_str().unwrap(),
+        "--chunk-size",
+        "256K",
+    ]);
+}
+
+/// SHA-256 of `len` bytes at `offset` of a file.
+pub fn sha256_range(path: &Path, offset: u64, len: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut f.take(len), &mut hasher).unwrap();
+    hex::encode(hasher.finalize())
+}
+
+/// (byte offset, byte length) of partition `n` of a disk image, as sgdisk reports it.
+pub fn partition_range(disk: &str, n: u32) -> (u64, u64) {
+    let text = tool_ok("sgdisk", &["-i", &n.to_string(), disk]);
+    let num = |key: &str| -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} in {text}"));
+        line.split(':')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let first = num("First sector");
+    let last = num("Last sector");
+    (first * 512, (last - first + 1) * 512)
+}
