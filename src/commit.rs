@@ -37,6 +37,24 @@ pub enum CommitError {
         /// The slot marked bad.
         slot: String,
     },
+    /// Marking the slot bad would leave the device with no bootable slot.
+    #[error("refusing to mark {slot} bad: no other slot is bootable ({state}); use --force to do it anyway")]
+    LastBootableSlot {
+        /// The slot.
+        slot: String,
+        /// All slots' states.
+        state: String,
+    },
+    /// A health check failed on the only bootable slot, which was therefore left as it was.
+    #[error("health check failed: {check}: {outcome}; {slot} NOT marked bad: it is the only bootable slot")]
+    CheckFailedOnLastSlot {
+        /// The check command.
+        check: String,
+        /// What happened.
+        outcome: CheckOutcome,
+        /// The slot.
+        slot: String,
+    },
     /// There are not exactly two slots, so "the other slot" is ambiguous.
     #[error("rollback needs exactly two slots, found {0}")]
     NotTwoSlots(usize),
@@ -77,12 +95,15 @@ impl std::fmt::Display for CheckOutcome {
     }
 }
 
-/// Runs `check` with `sh -c`, killing it after `timeout`.
+/// Runs `check` with `sh -c` in its own process group, killing the whole group after
+/// `timeout` (so a check's own children cannot outlive it).
 pub fn run_check(check: &str, timeout: Duration) -> CheckOutcome {
+    use std::os::unix::process::CommandExt;
     let mut child = match Command::new("/bin/sh")
         .arg("-c")
         .arg(check)
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn()
     {
         Ok(c) => c,
@@ -102,7 +123,7 @@ pub fn run_check(check: &str, timeout: Duration) -> CheckOutcome {
                 }
             }
             Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
+                let _ = crate::sys::kill_process_group(child.id());
                 let _ = child.wait();
                 return CheckOutcome::TimedOut {
                     seconds: timeout.as_secs(),
@@ -156,15 +177,29 @@ pub fn mark_good<D: BlockDevice>(
     apply(disk, index, |a| Ok(select::mark_good(a, index)))
 }
 
-/// Marks slot `index` bad: P0 T0 S0, so the next boot falls back.
+/// Marks slot `index` bad: P0 T0 S0, so the next boot falls back. Refused when no other slot
+/// would be bootable, unless `force`.
 pub fn mark_bad<D: BlockDevice>(
     disk: &mut AbDisk<D>,
     index: usize,
+    force: bool,
 ) -> Result<SlotChange, CommitError> {
+    let names: Vec<String> = disk.slots()?.iter().map(|s| s.name.clone()).collect();
     apply(disk, index, |a| {
-        let mut new = a.to_vec();
-        new[index] = select::mark_bad(a[index]);
-        Ok(new)
+        if force {
+            let mut new = a.to_vec();
+            new[index] = select::mark_bad(a[index]);
+            return Ok(new);
+        }
+        select::mark_bad_guarded(a, index).map_err(|_| CommitError::LastBootableSlot {
+            slot: names[index].clone(),
+            state: names
+                .iter()
+                .zip(a)
+                .map(|(n, s)| format!("{n} {s}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
     })
 }
 
@@ -203,8 +238,9 @@ pub struct CommitReport {
 }
 
 /// Runs the checks in order; all pass → mark good; the first failure → mark bad and return
-/// [`CommitError::CheckFailed`] (after the write). A commit on a slot that is already good
-/// writes nothing.
+/// [`CommitError::CheckFailed`] (after the write) — unless the slot is the only bootable one,
+/// which is left alone ([`CommitError::CheckFailedOnLastSlot`]): falling back needs somewhere
+/// to fall back to. A commit on a slot that is already good writes nothing.
 pub fn commit<D: BlockDevice>(
     disk: &mut AbDisk<D>,
     index: usize,
@@ -219,12 +255,21 @@ pub fn commit<D: BlockDevice>(
         let passed = outcome == CheckOutcome::Passed;
         results.push((check.clone(), outcome.clone()));
         if !passed {
-            let change = mark_bad(disk, index)?;
-            return Err(CommitError::CheckFailed {
-                check: check.clone(),
-                outcome,
-                slot: change.slot,
-            });
+            return match mark_bad(disk, index, false) {
+                Ok(change) => Err(CommitError::CheckFailed {
+                    check: check.clone(),
+                    outcome,
+                    slot: change.slot,
+                }),
+                Err(CommitError::LastBootableSlot { slot, .. }) => {
+                    Err(CommitError::CheckFailedOnLastSlot {
+                        check: check.clone(),
+                        outcome,
+                        slot,
+                    })
+                }
+                Err(other) => Err(other),
+            };
         }
     }
     let change = mark_good(disk, index)?;

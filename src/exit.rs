@@ -27,8 +27,61 @@ pub enum Exit {
     Interrupted = 130,
 }
 
-/// Classifies a library error that is not a disk error; `None` for foreign errors.
+/// Classifies a library error; `None` for errors from elsewhere (the caller looks further
+/// down the error chain, then falls back to [`Exit::Failure`]).
 pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
-    let _ = err;
+    use crate::blockdev::OpenError;
+    use crate::boot::BootError;
+    use crate::bundle::{BundleError, KeyError};
+    use crate::commit::CommitError;
+    use crate::gpt::GptError;
+    use crate::install::InstallError;
+    use crate::slotio::SlotIoError;
+    use crate::slots::SlotError;
+    if let Some(e) = err.downcast_ref::<OpenError>() {
+        return Some(match e {
+            OpenError::Locked { .. } => Exit::Busy,
+            _ => Exit::Disk,
+        });
+    }
+    if err.is::<GptError>() || err.is::<SlotError>() || err.is::<SlotIoError>() {
+        return Some(Exit::Disk);
+    }
+    if err.is::<BundleError>() || err.is::<KeyError>() {
+        return Some(Exit::BadBundle);
+    }
+    if let Some(e) = err.downcast_ref::<InstallError>() {
+        return Some(match e {
+            InstallError::Slot(_) | InstallError::SlotIo(_) | InstallError::NoRunningSlot => {
+                Exit::Disk
+            }
+            InstallError::ReadbackMismatch { .. } => Exit::Disk,
+            InstallError::Bundle(_) | InstallError::TooLarge { .. } => Exit::BadBundle,
+            InstallError::Interrupted { .. } => Exit::Interrupted,
+            InstallError::Sentinel { .. } => Exit::Failure,
+            InstallError::Downgrade { .. }
+            | InstallError::Incompatible { .. }
+            | InstallError::TargetIsRunning { .. }
+            | InstallError::TargetIsLastGood { .. }
+            | InstallError::CompatibleUnknown { .. } => Exit::Refused,
+        });
+    }
+    if let Some(e) = err.downcast_ref::<BootError>() {
+        return Some(match e {
+            BootError::NoBootableSlot { .. } => Exit::NoBootableSlot,
+            BootError::Slot(_) => Exit::Disk,
+        });
+    }
+    if let Some(e) = err.downcast_ref::<CommitError>() {
+        return Some(match e {
+            CommitError::CheckFailed { .. } | CommitError::CheckFailedOnLastSlot { .. } => {
+                Exit::HealthCheckFailed
+            }
+            CommitError::RollbackRefused { .. } | CommitError::LastBootableSlot { .. } => {
+                Exit::Refused
+            }
+            CommitError::Slot(_) | CommitError::NotTwoSlots(_) => Exit::Disk,
+        });
+    }
     None
 }

@@ -69,6 +69,16 @@ pub enum InstallError {
         /// Device compatible string.
         device: String,
     },
+    /// The target is the only known-good slot (the running one is not committed).
+    #[error("refusing to overwrite {target}: it is the only known-good slot and the running slot {running} ({state}) is not committed; run the health commit (or boot {target}) first")]
+    TargetIsLastGood {
+        /// The target slot.
+        target: String,
+        /// The running slot.
+        running: String,
+        /// The running slot's attributes.
+        state: String,
+    },
     /// The device's compatible string is not known.
     #[error(
         "the device's compatible string is unknown (no --compatible and {slot} has no slot record)"
@@ -310,6 +320,13 @@ pub fn install<R: Read + Send>(
             .ok_or_else(|| InstallError::TargetIsRunning {
                 slot: slots[running].name.clone(),
             })?;
+    if select::check_install_target(&attrs, target).is_err() {
+        return Err(InstallError::TargetIsLastGood {
+            target: slots[target].name.clone(),
+            running: slots[running].name.clone(),
+            state: attrs[running].to_string(),
+        });
+    }
     let sector_size = disk.gpt.sector_size();
     let running_record = footer::read_record(&mut disk.dev, &slots[running], sector_size);
 
@@ -609,20 +626,6 @@ pub fn open_bundle_source(path: &Path) -> Result<Box<dyn Read + Send>, BundleErr
         )));
     }
     Ok(Box::new(io::BufReader::with_capacity(1 << 20, file)))
-}
-
-/// Exit-code class helpers for the CLI.
-impl InstallError {
-    /// Whether the error is a policy refusal (downgrade, incompatible, target running).
-    pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            InstallError::Downgrade { .. }
-                | InstallError::Incompatible { .. }
-                | InstallError::TargetIsRunning { .. }
-                | InstallError::CompatibleUnknown { .. }
-        )
-    }
 }
 
 #[cfg(test)]

@@ -78,6 +78,9 @@ enum Command {
         disk: DiskArgs,
         #[command(flatten)]
         slot: SlotArg,
+        /// Mark it bad even if no other slot is bootable (the device will not boot).
+        #[arg(long)]
+        force: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -440,7 +443,7 @@ impl Progress {
             bar.set_length(total);
             bar.set_position(done);
         } else if done >= self.plain_next || done == total {
-            let pct = if total == 0 { 100 } else { done * 100 / total };
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
             eprintln!("{}: {} / {} bytes ({pct}%)", self.label, done, total);
             self.plain_next = done + total / 10;
         }
@@ -740,10 +743,15 @@ fn run(cli: Cli) -> Result<()> {
             let change = abupdate::commit::mark_good(&mut ab, index)?;
             print_change(&change, "mark-good", json)
         }
-        Command::MarkBad { disk, slot, json } => {
+        Command::MarkBad {
+            disk,
+            slot,
+            force,
+            json,
+        } => {
             let mut ab = open_disk_locked(&disk)?;
             let index = target_slot(&ab, &disk, slot.slot.as_deref())?;
-            let change = abupdate::commit::mark_bad(&mut ab, index)?;
+            let change = abupdate::commit::mark_bad(&mut ab, index, force)?;
             print_change(&change, "mark-bad", json)
         }
         Command::Rollback { disk, slot, json } => {
@@ -820,60 +828,9 @@ fn one_line(err: &anyhow::Error) -> String {
     out.replace('\n', " ")
 }
 
-/// Maps an error to the documented exit code by looking for the library's error types.
+/// Maps an error to the documented exit code: the first cause the library classifies.
 fn classify(err: &anyhow::Error) -> Exit {
-    use abupdate::blockdev::OpenError;
-    use abupdate::gpt::GptError;
-    use abupdate::slots::SlotError;
-    for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<OpenError>() {
-            return match e {
-                OpenError::Locked { .. } => Exit::Busy,
-                _ => Exit::Disk,
-            };
-        }
-        if cause.downcast_ref::<GptError>().is_some() || cause.downcast_ref::<SlotError>().is_some()
-        {
-            return Exit::Disk;
-        }
-        if let Some(e) = cause.downcast_ref::<abupdate::install::InstallError>() {
-            use abupdate::install::InstallError as I;
-            return match e {
-                I::Slot(_) | I::SlotIo(_) | I::NoRunningSlot => Exit::Disk,
-                I::Bundle(_) | I::TooLarge { .. } => Exit::BadBundle,
-                I::ReadbackMismatch { .. } => Exit::Disk,
-                I::Interrupted { .. } => Exit::Interrupted,
-                I::Sentinel { .. } => Exit::Failure,
-                other if other.is_refusal() => Exit::Refused,
-                _ => Exit::Failure,
-            };
-        }
-        if cause
-            .downcast_ref::<abupdate::bundle::BundleError>()
-            .is_some()
-            || cause.downcast_ref::<abupdate::bundle::KeyError>().is_some()
-        {
-            return Exit::BadBundle;
-        }
-        if let Some(e) = cause.downcast_ref::<abupdate::boot::BootError>() {
-            return match e {
-                abupdate::boot::BootError::NoBootableSlot { .. } => Exit::NoBootableSlot,
-                abupdate::boot::BootError::Slot(_) => Exit::Disk,
-            };
-        }
-        if let Some(e) = cause.downcast_ref::<abupdate::commit::CommitError>() {
-            match e {
-                abupdate::commit::CommitError::CheckFailed { .. } => {
-                    return Exit::HealthCheckFailed
-                }
-                abupdate::commit::CommitError::RollbackRefused { .. } => return Exit::Refused,
-                abupdate::commit::CommitError::Slot(_) => return Exit::Disk,
-                abupdate::commit::CommitError::NotTwoSlots(_) => return Exit::Disk,
-            }
-        }
-        if let Some(exit) = abupdate::exit::classify_error(cause) {
-            return exit;
-        }
-    }
-    Exit::Failure
+    err.chain()
+        .find_map(abupdate::exit::classify_error)
+        .unwrap_or(Exit::Failure)
 }

@@ -122,6 +122,25 @@ pub fn prioritize(
     out
 }
 
+/// Why an install into a slot was refused before anything was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastGoodSlot;
+
+/// An install may overwrite slot `target` only if some other slot is successful and bootable:
+/// otherwise the device would be left with no known-good slot to fall back to (for example
+/// while it runs an uncommitted trial of the other slot, as Mender also refuses).
+pub fn check_install_target(slots: &[SlotAttributes], target: usize) -> Result<(), LastGoodSlot> {
+    let other_good = slots
+        .iter()
+        .enumerate()
+        .any(|(i, a)| i != target && a.successful() && a.is_bootable());
+    if other_good {
+        Ok(())
+    } else {
+        Err(LastGoodSlot)
+    }
+}
+
 /// Install step 1: the target slot becomes unbootable before its bytes change.
 pub fn invalidate(attrs: SlotAttributes) -> SlotAttributes {
     attrs.with_priority(0).with_tries(0).with_successful(false)
@@ -159,6 +178,24 @@ pub fn mark_good(slots: &[SlotAttributes], index: usize) -> Vec<SlotAttributes> 
 /// Health commit failed: the slot must never boot again until reinstalled.
 pub fn mark_bad(attrs: SlotAttributes) -> SlotAttributes {
     invalidate(attrs)
+}
+
+/// Marking slot `index` bad would leave no bootable slot at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WouldLeaveNoBootableSlot;
+
+/// [`mark_bad`] on slot `index`, refused when no other slot would stay bootable: a failing
+/// health check on the last good slot must not turn a running device into a brick.
+pub fn mark_bad_guarded(
+    slots: &[SlotAttributes],
+    index: usize,
+) -> Result<Vec<SlotAttributes>, WouldLeaveNoBootableSlot> {
+    let mut out = slots.to_vec();
+    out[index] = mark_bad(slots[index]);
+    if next_slot(&out).is_none() {
+        return Err(WouldLeaveNoBootableSlot);
+    }
+    Ok(out)
 }
 
 /// Why a rollback was refused.

@@ -64,6 +64,17 @@ pub fn drop_page_cache(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Sends SIGKILL to every process of process group `pgid` (a check and anything it started).
+pub fn kill_process_group(pgid: u32) -> io::Result<()> {
+    let pgid = libc::pid_t::try_from(pgid).map_err(|_| io::Error::other("pid out of range"))?;
+    // SAFETY: kill only reads its integer arguments; a negative pid names a process group.
+    let rc = unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Takes an exclusive advisory lock without waiting. `Ok(false)` when another holder has it.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     // SAFETY: flock only reads the descriptor number, which `file` keeps open.

@@ -25,7 +25,6 @@ use super::format::{
 use super::keys::{KeyId, Keyring};
 
 /// A chunk whose SHA-256 matched the signed chunk table.
-#[derive(Debug)]
 pub struct VerifiedChunk<'a> {
     /// Chunk index (0-based).
     pub index: u32,
@@ -33,6 +32,17 @@ pub struct VerifiedChunk<'a> {
     pub image_offset: u64,
     /// The uncompressed, verified bytes.
     pub data: &'a [u8],
+}
+
+impl std::fmt::Debug for VerifiedChunk<'_> {
+    // Only the length: a derived Debug would print megabytes of data.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedChunk")
+            .field("index", &self.index)
+            .field("image_offset", &self.image_offset)
+            .field("len", &self.data.len())
+            .finish()
+    }
 }
 
 /// Decompresses and verifies single chunk frames; one per worker thread.
@@ -76,11 +86,10 @@ impl ChunkDecoder {
             .get(index as usize)
             .ok_or(BundleError::ChunkIndexOutOfRange { index, count })?;
         let expected = header.chunk_len(index);
-        let bundle_offset = header.chunk_bundle_offset(index)?;
         if compressed.len() != entry.compressed_len as usize {
             return Err(BundleError::ChunkDecompress {
                 index,
-                bundle_offset,
+                bundle_offset: header.chunk_bundle_offset(index)?,
                 reason: format!(
                     "frame is {} bytes, chunk table says {}",
                     compressed.len(),
@@ -93,7 +102,7 @@ impl ChunkDecoder {
                 "chunk {index}: output buffer shorter than the chunk length {expected}"
             ))
         })?;
-        self.decompress_bounded(index, bundle_offset, compressed, out)?;
+        self.decompress_bounded(header, index, compressed, out)?;
         let digest = Sha256::digest(&*out);
         if digest.as_slice() != entry.sha256 {
             return Err(BundleError::ChunkHashMismatch {
@@ -108,15 +117,17 @@ impl ChunkDecoder {
     /// `out.len()` bytes.
     fn decompress_bounded(
         &mut self,
+        header: &BundleHeader,
         index: u32,
-        bundle_offset: u64,
         compressed: &[u8],
         out: &mut [u8],
     ) -> Result<(), BundleError> {
         let expected = out.len() as u32;
+        // The bundle offset is a sum over the table: computed only for an
+        // error, or reading would be quadratic in the chunk count.
         let corrupt = |reason: String| BundleError::ChunkDecompress {
             index,
-            bundle_offset,
+            bundle_offset: header.chunk_bundle_offset(index).unwrap_or(0),
             reason,
         };
         // The frame header's content size, when present, gives the precise
@@ -201,6 +212,9 @@ pub struct BundleReader<R> {
     /// Running SHA-256 of the image so far; `None` after a resume without
     /// a prefix hash (then only the per-chunk hashes are checked).
     image_hasher: Option<Sha256>,
+    /// The end-of-bundle checks ran (with the last chunk, or on the first
+    /// call of a reader resumed at the end).
+    end_checked: bool,
     failed: bool,
 }
 
@@ -263,6 +277,7 @@ impl<R: Read> BundleReader<R> {
             compressed,
             chunk,
             image_hasher,
+            end_checked: false,
             failed: false,
         })
     }
@@ -316,6 +331,13 @@ impl<R: Read> BundleReader<R> {
             return Err(BundleError::ReaderFailed);
         }
         if self.next_index >= self.verified.header().chunk_count() {
+            if !self.end_checked {
+                // Only reachable when resumed at the end: no chunk was read.
+                if let Err(e) = self.finish() {
+                    self.failed = true;
+                    return Err(e);
+                }
+            }
             return Ok(None);
         }
         match self.advance() {
@@ -352,12 +374,19 @@ impl<R: Read> BundleReader<R> {
         self.position += clen as u64;
         self.next_index += 1;
         if self.next_index == header.chunk_count() {
-            check_end(&mut self.inner, self.position)?;
-            if let Some(h) = self.image_hasher.take() {
-                check_image_hash(header, h)?;
-            }
+            self.finish()?;
         }
         Ok(len)
+    }
+
+    /// End-of-bundle checks: nothing trails, the whole-image hash matches.
+    fn finish(&mut self) -> Result<(), BundleError> {
+        self.end_checked = true;
+        check_end(&mut self.inner, self.position)?;
+        if let Some(h) = self.image_hasher.take() {
+            check_image_hash(self.verified.header(), h)?;
+        }
+        Ok(())
     }
 
     /// Reads every remaining chunk, decompressing and verifying them on
@@ -400,7 +429,11 @@ impl<R: Read> BundleReader<R> {
         let count = header.chunk_count();
         let first = self.next_index;
         if first >= count {
-            return Ok(());
+            return if self.end_checked {
+                Ok(())
+            } else {
+                self.finish()
+            };
         }
         let in_flight = 2 * workers + 2;
         let max_frame = max_compressed_len(header.chunk_size) as usize;
@@ -481,6 +514,7 @@ impl<R: Read> BundleReader<R> {
         }
         self.position = end_position;
         self.next_index = count;
+        self.end_checked = true;
         Ok(())
     }
 }
