@@ -33,8 +33,12 @@ pub struct BootDecision {
     pub slot: String,
     /// 1-based partition number.
     pub partition: u32,
-    /// Partition device path (`/dev/vda2`).
+    /// Partition device path (`/dev/vda2`); empty for a disk image file.
     pub device: PathBuf,
+    /// Byte offset of the slot on the disk (for `mount -o offset=` on an image).
+    pub offset: u64,
+    /// Slot size in bytes.
+    pub size: u64,
     /// Unique partition GUID.
     pub partuuid: String,
     /// Installed version, when the slot has a record.
@@ -52,9 +56,12 @@ pub struct BootDecision {
 }
 
 /// Runs the boot hook on `disk` (opened writable): chooses, spends a try, writes crash-safely.
+/// `disk_is_block_device` decides whether a partition device path is printed (an image file
+/// has none).
 pub fn boot<D: BlockDevice>(
     disk: &mut AbDisk<D>,
     disk_path: &Path,
+    disk_is_block_device: bool,
 ) -> Result<BootDecision, BootError> {
     let slots = disk.slots()?;
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
@@ -73,7 +80,13 @@ pub fn boot<D: BlockDevice>(
     Ok(BootDecision {
         slot: slot.name.clone(),
         partition: slot.partition(),
-        device: partition_device_path(disk_path, slot.partition()),
+        device: if disk_is_block_device {
+            partition_device_path(disk_path, slot.partition())
+        } else {
+            PathBuf::new()
+        },
+        offset: slot.offset_bytes(sector_size),
+        size: slot.size_bytes(sector_size),
         partuuid: slot.partuuid().to_string(),
         version: record.map(|r| r.version),
         before: slot.attrs.to_string(),
@@ -98,10 +111,12 @@ impl BootDecision {
     pub fn to_env(&self) -> String {
         let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
         format!(
-            "ABUPDATE_SLOT={}\nABUPDATE_PARTITION={}\nABUPDATE_DEVICE={}\nABUPDATE_PARTUUID={}\nABUPDATE_VERSION={}\nABUPDATE_TRIAL={}\nABUPDATE_TRIES_LEFT={}\n",
+            "ABUPDATE_SLOT={}\nABUPDATE_PARTITION={}\nABUPDATE_DEVICE={}\nABUPDATE_OFFSET={}\nABUPDATE_SIZE={}\nABUPDATE_PARTUUID={}\nABUPDATE_VERSION={}\nABUPDATE_TRIAL={}\nABUPDATE_TRIES_LEFT={}\n",
             q(&self.slot),
             self.partition,
             q(&self.device.display().to_string()),
+            self.offset,
+            self.size,
             q(&self.partuuid),
             q(self.version.as_deref().unwrap_or("")),
             u8::from(self.trial),

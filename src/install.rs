@@ -182,12 +182,17 @@ pub enum InstallEvent {
         /// Key id that verified.
         key_id: String,
     },
-    /// Target chosen and made unbootable.
-    TargetInvalidated {
+    /// Running and target slots chosen.
+    Plan {
         /// Running slot.
         running: String,
         /// How the running slot was found.
         running_source: String,
+        /// Target slot.
+        target: String,
+    },
+    /// Target made unbootable and opened for writing.
+    TargetInvalidated {
         /// Target slot.
         target: String,
         /// Path written.
@@ -367,8 +372,100 @@ pub fn install<R: Read + Send>(
             });
         }
     }
+    // 4-7. Invalidate, stream, verify, record.
+    events(InstallEvent::Plan {
+        running: slots[running].name.clone(),
+        running_source: source_text,
+        target: slots[target].name.clone(),
+    });
+    let written = write_slot(
+        disk,
+        target,
+        &mut reader,
+        workers_for(options.workers),
+        cancel,
+        events,
+    )?;
+    let (write_seconds, verify_seconds) = (written.write_seconds, written.verify_seconds);
+
+    // 8. Flip. Re-read the slots: the write above went through the partition, not the GPT,
+    // so the in-memory GPT is current; the invalidated state is the base.
+    let slots = disk.slots()?;
+    let now: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
+    let flipped = select::activate_for_trial(&now, target, options.tries);
+    disk.write_slot_attributes(&slots, &flipped)?;
+    events(InstallEvent::Activated {
+        slot: slots[target].name.clone(),
+        attributes: flipped[target].to_string(),
+    });
+
+    // 9. Sentinel.
+    let sentinel = match &options.sentinel {
+        Some(path) => {
+            write_sentinel(path, &slots[target].name, &header.image_version).map_err(|source| {
+                InstallError::Sentinel {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            Some(path.display().to_string())
+        }
+        None => None,
+    };
+    Ok(InstallReport {
+        running: slots[running].name.clone(),
+        target: slots[target].name.clone(),
+        version: header.image_version.clone(),
+        image_size: header.image_size,
+        sha256: hex::encode(header.image_sha256),
+        write_seconds,
+        verify_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        direct_io: written.direct_io,
+        attributes: flipped[target].to_string(),
+        sentinel,
+    })
+}
+
+/// Timings of [`write_slot`].
+#[derive(Debug, Clone, Copy)]
+pub struct SlotWritten {
+    /// Seconds of decompress + verify + write.
+    pub write_seconds: f64,
+    /// Seconds of flush + read-back + record.
+    pub verify_seconds: f64,
+    /// Whether O_DIRECT was used.
+    pub direct_io: bool,
+}
+
+fn workers_for(requested: usize) -> usize {
+    if requested == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        requested
+    }
+}
+
+/// Steps 4-7 of an install into slot `target` from an already signature-checked reader:
+/// invalidate the slot, stream verified chunks into it, flush, read back against the signed
+/// hash, write the slot record. The slot stays unbootable; the caller decides what it becomes.
+pub fn write_slot<R: Read + Send>(
+    disk: &mut AbDisk<FileDevice>,
+    target: usize,
+    reader: &mut BundleReader<R>,
+    workers: usize,
+    cancel: &AtomicBool,
+    events: &mut dyn FnMut(InstallEvent),
+) -> Result<SlotWritten, InstallError> {
+    // 4. Target unbootable before its bytes change; its old record goes too.
+    let started = Instant::now();
+    let disk_path = disk.dev.path().to_path_buf();
+    let sector_size = disk.gpt.sector_size();
+    let slots = disk.slots()?;
+    let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
     let slot = &slots[target];
     let slot_size = slot.size_bytes(sector_size);
+    let header = reader.header().clone();
     let usable = footer::max_image_size(slot_size);
     if header.image_size > usable {
         return Err(InstallError::TooLarge {
@@ -379,8 +476,6 @@ pub fn install<R: Read + Send>(
             record: RECORD_BYTES,
         });
     }
-
-    // 4. Target unbootable before its bytes change; its old record goes too.
     let mut invalid = attrs.clone();
     invalid[target] = select::invalidate(attrs[target]);
     disk.write_slot_attributes(&slots, &invalid)?;
@@ -397,8 +492,6 @@ pub fn install<R: Read + Send>(
     let mut record_buf = SlotTarget::buffer(RECORD_BYTES as usize);
     out.write_at(&slot.name, &record_buf, record_offset)?;
     events(InstallEvent::TargetInvalidated {
-        running: slots[running].name.clone(),
-        running_source: source_text,
         target: slot.name.clone(),
         path: out.path().display().to_string(),
         direct_io: out.is_direct(),
@@ -408,11 +501,6 @@ pub fn install<R: Read + Send>(
     let total = header.image_size;
     let mut write_buf = SlotTarget::buffer(header.chunk_size as usize);
     let mut sink_error: Option<InstallError> = None;
-    let workers = if options.workers == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        options.workers
-    };
     let mut last_event = Instant::now();
     let stream_result = reader.read_parallel(workers, &mut |chunk| {
         if cancel.load(AtomicOrdering::Relaxed) {
@@ -477,44 +565,29 @@ pub fn install<R: Read + Send>(
             slot: slot.name.clone(),
         });
     }
-
-    // 8. Flip. Re-read the slots: the write above went through the partition, not the GPT,
-    // so the in-memory GPT is current; the invalidated state is the base.
-    let slots = disk.slots()?;
-    let now: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
-    let flipped = select::activate_for_trial(&now, target, options.tries);
-    disk.write_slot_attributes(&slots, &flipped)?;
-    events(InstallEvent::Activated {
-        slot: slots[target].name.clone(),
-        attributes: flipped[target].to_string(),
-    });
-
-    // 9. Sentinel.
-    let sentinel = match &options.sentinel {
-        Some(path) => {
-            write_sentinel(path, &slots[target].name, &header.image_version).map_err(|source| {
-                InstallError::Sentinel {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-            Some(path.display().to_string())
-        }
-        None => None,
-    };
-    Ok(InstallReport {
-        running: slots[running].name.clone(),
-        target: slots[target].name.clone(),
-        version: header.image_version.clone(),
-        image_size: total,
-        sha256: hex::encode(header.image_sha256),
+    Ok(SlotWritten {
         write_seconds,
         verify_seconds,
-        total_seconds: started.elapsed().as_secs_f64(),
         direct_io: out.is_direct(),
-        attributes: flipped[target].to_string(),
-        sentinel,
     })
+}
+
+/// Writes a factory image into slot `target` of a fresh disk (`disk init --seed`): the same
+/// verified write as an install, then the slot is marked good and boots next.
+pub fn seed_slot<R: Read + Send>(
+    disk: &mut AbDisk<FileDevice>,
+    target: usize,
+    bundle: R,
+    keyring: &Keyring,
+    events: &mut dyn FnMut(InstallEvent),
+) -> Result<SlotWritten, InstallError> {
+    let mut reader = BundleReader::new(bundle, keyring)?;
+    let never = AtomicBool::new(false);
+    let written = write_slot(disk, target, &mut reader, workers_for(0), &never, events)?;
+    let slots = disk.slots()?;
+    let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
+    disk.write_slot_attributes(&slots, &select::mark_good(&attrs, target))?;
+    Ok(written)
 }
 
 /// Reads `len` bytes of the slot back and hashes them, with the reads on a helper thread so

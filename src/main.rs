@@ -267,6 +267,12 @@ enum DiskCommand {
         /// Partition type GUID of the slots (default: Linux root x86-64).
         #[arg(long, default_value = abupdate::init::LINUX_ROOT_X86_64)]
         type_guid: String,
+        /// Factory image: a bundle verified and written into ROOT-A (which stays the good slot).
+        #[arg(long, requires = "keyring")]
+        seed: Option<PathBuf>,
+        /// Trusted key file or directory for --seed.
+        #[arg(long)]
+        keyring: Option<PathBuf>,
     },
 }
 
@@ -345,7 +351,8 @@ fn print_change(change: &abupdate::commit::SlotChange, verb: &str, json: bool) -
 
 fn boot_hook(args: &DiskArgs, format: BootFormat) -> Result<()> {
     let mut disk = open_disk_locked(args)?;
-    let decision = abupdate::boot::boot(&mut disk, &args.disk)?;
+    let is_block = disk.dev.is_block_device();
+    let decision = abupdate::boot::boot(&mut disk, &args.disk, is_block)?;
     match format {
         BootFormat::Env => print!("{}", decision.to_env()),
         BootFormat::Json => println!("{}", serde_json::to_string(&decision)?),
@@ -505,18 +512,21 @@ fn install_cmd(
                 } => {
                     eprintln!("signature ok (key {key_id}): version {version}, compatible {compatible}, {image_size} bytes")
                 }
-                E::TargetInvalidated {
+                E::Plan {
                     running,
+                    running_source,
+                    target,
+                } => {
+                    eprintln!("running slot {running} (from {running_source}); target {target}")
+                }
+                E::TargetInvalidated {
                     target,
                     path,
                     direct_io,
-                    running_source,
-                } => {
-                    eprintln!(
-                        "running {running} ({running_source}); writing {target} via {path}{}",
-                        if *direct_io { " (O_DIRECT)" } else { "" }
-                    );
-                }
+                } => eprintln!(
+                    "{target} marked unbootable; writing via {path}{}",
+                    if *direct_io { " (O_DIRECT)" } else { "" }
+                ),
                 E::Written { bytes, total } => progress.update(*bytes, *total),
                 E::ReadBack { bytes, total } => {
                     if progress.label != "verifying" {
@@ -669,6 +679,8 @@ fn run(cli: Cli) -> Result<()> {
             sector_size,
             labels,
             type_guid,
+            seed,
+            keyring,
         }) => {
             let spec = InitSpec {
                 slot_size,
@@ -687,6 +699,34 @@ fn run(cli: Cli) -> Result<()> {
                 slot_size,
                 spec.labels[0]
             );
+            if let (Some(seed), Some(keyring)) = (seed, keyring) {
+                let ring = load_keyring(&keyring)?;
+                let args = DiskArgs {
+                    disk: file.clone(),
+                    sector_size: Some(sector_size),
+                    labels: spec.labels.to_vec(),
+                };
+                let seeded = (|| -> Result<()> {
+                    let mut disk = open_disk_locked(&args)?;
+                    let source = abupdate::install::open_bundle_source(&seed)?;
+                    let written =
+                        abupdate::install::seed_slot(&mut disk, 0, source, &ring, &mut |_| {})?;
+                    let slot_a = disk.slots()?.remove(0);
+                    let record = abupdate::footer::read_record(&mut disk.dev, &slot_a, sector_size);
+                    println!(
+                        "seeded {} with {} ({:.2} s, verified)",
+                        spec.labels[0],
+                        record.map(|r| r.version).unwrap_or_default(),
+                        written.write_seconds + written.verify_seconds
+                    );
+                    Ok(())
+                })();
+                if seeded.is_err() {
+                    // A half-made disk is worse than none.
+                    let _ = std::fs::remove_file(&file);
+                }
+                seeded?;
+            }
             Ok(())
         }
         Command::Status {

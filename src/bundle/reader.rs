@@ -266,8 +266,11 @@ impl<R: Read> BundleReader<R> {
         let header = verified.header();
         let position = header.chunk_bundle_offset(next_index)?;
         let decoder = ChunkDecoder::new(header.chunk_size)?;
-        let compressed = vec![0u8; max_compressed_len(header.chunk_size) as usize];
-        let chunk = vec![0u8; header.chunk_size as usize];
+        // Chunk 0 is the largest (only the last may be short); a small image
+        // with a big chunk size gets small buffers.
+        let max_chunk = header.chunk_len(0);
+        let compressed = vec![0u8; max_compressed_len(max_chunk) as usize];
+        let chunk = vec![0u8; max_chunk as usize];
         Ok(BundleReader {
             inner,
             verified,
@@ -436,8 +439,8 @@ impl<R: Read> BundleReader<R> {
             };
         }
         let in_flight = 2 * workers + 2;
-        let max_frame = max_compressed_len(header.chunk_size) as usize;
-        let chunk_size = header.chunk_size as usize;
+        let max_chunk = header.chunk_len(0) as usize;
+        let max_frame = max_compressed_len(header.chunk_len(0)) as usize;
 
         // Slots circulate: reader fills `compressed`, a worker fills `data`,
         // the collector consumes it and sends the slot back. The fixed number
@@ -472,7 +475,7 @@ impl<R: Read> BundleReader<R> {
                 let done_tx = done_tx.clone();
                 let verified = &verified;
                 handles
-                    .push(s.spawn(move || decode_worker(verified, chunk_size, &work_rx, &done_tx)));
+                    .push(s.spawn(move || decode_worker(verified, max_chunk, &work_rx, &done_tx)));
             }
             drop(done_tx);
             let collected = collect_in_order(header, first, hasher, done_rx, slot_tx, sink);
@@ -563,11 +566,11 @@ fn read_frames<R: Read>(
 /// Worker thread: decodes slots until the work channel closes.
 fn decode_worker(
     verified: &VerifiedHeader,
-    chunk_size: usize,
+    max_chunk: usize,
     work_rx: &Mutex<Receiver<Slot>>,
     done_tx: &SyncSender<Result<Slot, BundleError>>,
 ) -> Result<(), BundleError> {
-    let mut decoder = ChunkDecoder::new(chunk_size as u32)?;
+    let mut decoder = ChunkDecoder::new(verified.header().chunk_size)?;
     loop {
         let next = match work_rx.lock() {
             Ok(rx) => rx.recv(),
@@ -576,7 +579,7 @@ fn decode_worker(
         let Ok(mut slot) = next else {
             return Ok(());
         };
-        slot.data.resize(chunk_size, 0);
+        slot.data.resize(max_chunk, 0);
         let result = decoder
             .decode(verified, slot.index, &slot.compressed, &mut slot.data)
             .map(|d| d.len());
