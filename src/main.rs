@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use abupdate::blockdev::FileDevice;
@@ -105,6 +105,9 @@ enum Command {
         /// A health check command (run with sh -c; exit 0 = healthy). Repeatable.
         #[arg(long = "check")]
         checks: Vec<String>,
+        /// A file of checks, one command per line (blank lines and # comments ignored).
+        #[arg(long)]
+        checks_file: Option<PathBuf>,
         /// Seconds each check may run before it counts as failed.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -803,11 +806,24 @@ fn run(cli: Cli) -> Result<()> {
         Command::Commit {
             disk,
             slot,
-            checks,
+            mut checks,
+            checks_file,
             timeout,
             reboot,
             json,
-        } => commit_cmd(&disk, slot.slot.as_deref(), &checks, timeout, reboot, json),
+        } => {
+            if let Some(file) = checks_file {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading checks file {}", file.display()))?;
+                checks.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(String::from),
+                );
+            }
+            commit_cmd(&disk, slot.slot.as_deref(), &checks, timeout, reboot, json)
+        }
         Command::SetAttributes {
             disk,
             slot,

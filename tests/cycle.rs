@@ -196,3 +196,46 @@ fn rollback_to_a_good_slot_and_timeouts() {
     assert_eq!(cgpt_fields(d, 1), (0, 0, false));
     assert_eq!(status_json(d, &[])["next_boot"], "ROOT-B");
 }
+
+#[test]
+fn checks_file_runs_each_line() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let d = disk.to_str().unwrap();
+    abupdate_ok(&["disk", "init", d, "--slot-size", "4M"]);
+    tool_ok(
+        "cgpt",
+        &["add", "-i", "2", "-P", "3", "-T", "2", "-S", "0", d],
+    );
+    let checks = dir.path().join("health-checks");
+    let marker = dir.path().join("ran");
+    std::fs::write(
+        &checks,
+        format!(
+            "# comment\ntouch {}\n\n   \nexit 4\ntouch {}.never\n",
+            marker.display(),
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let out = abupdate(&[
+        "commit",
+        "--disk",
+        d,
+        "--slot",
+        "B",
+        "--checks-file",
+        checks.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exit 4: exited with status 4"));
+    assert!(marker.exists());
+    assert!(
+        !dir.path().join("ran.never").exists(),
+        "checks after the failing one must not run"
+    );
+    assert_eq!(cgpt_fields(d, 2), (0, 0, false));
+}
