@@ -28,13 +28,12 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::attrs::SlotAttributes;
-use crate::blockdev::FileDevice;
 use crate::bundle::{BundleError, BundleReader, Keyring};
 use crate::footer::{self, SlotRecord, RECORD_BYTES};
 use crate::running::{self, RunningSource};
 use crate::select;
-use crate::slotio::{SlotIoError, SlotTarget};
-use crate::slots::{partition_device_path, AbDisk, SlotError};
+use crate::slotio::{SlotBacking, SlotIo, SlotIoError, SlotTarget};
+use crate::slots::{AbDisk, SlotError};
 
 /// Default path of the reboot-required sentinel (watched by kured and similar).
 pub const DEFAULT_SENTINEL: &str = "/run/reboot-required";
@@ -288,8 +287,8 @@ pub fn compare_versions(a: &str, b: &str) -> Ordering {
 
 /// Runs an install of `bundle` onto `disk`. `cancel` is polled between chunks (set it from a
 /// signal handler); `events` receives progress.
-pub fn install<R: Read + Send>(
-    disk: &mut AbDisk<FileDevice>,
+pub fn install<D: SlotBacking, R: Read + Send>(
+    disk: &mut AbDisk<D>,
     bundle: R,
     keyring: &Keyring,
     options: &InstallOptions,
@@ -297,14 +296,17 @@ pub fn install<R: Read + Send>(
     events: &mut dyn FnMut(InstallEvent),
 ) -> Result<InstallReport, InstallError> {
     let started = Instant::now();
-    let disk_path = disk.dev.path().to_path_buf();
     let slots = disk.slots()?;
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
 
     // 1. Running and target slots.
+    let detected = disk
+        .dev
+        .location()
+        .and_then(|(path, is_block)| running::detect(path, is_block, &slots));
     let (running, source) = match &options.running {
         Some(name) => (disk.slot_index(&slots, name)?, RunningSource::Explicit),
-        None => match running::detect(&disk_path, disk.dev.is_block_device(), &slots) {
+        None => match detected {
             Some(found) => found,
             None => (
                 select::next_slot(&attrs).ok_or(InstallError::NoRunningSlot)?,
@@ -449,8 +451,8 @@ fn workers_for(requested: usize) -> usize {
 /// Steps 4-7 of an install into slot `target` from an already signature-checked reader:
 /// invalidate the slot, stream verified chunks into it, flush, read back against the signed
 /// hash, write the slot record. The slot stays unbootable; the caller decides what it becomes.
-pub fn write_slot<R: Read + Send>(
-    disk: &mut AbDisk<FileDevice>,
+pub fn write_slot<D: SlotBacking, R: Read + Send>(
+    disk: &mut AbDisk<D>,
     target: usize,
     reader: &mut BundleReader<R>,
     workers: usize,
@@ -459,7 +461,6 @@ pub fn write_slot<R: Read + Send>(
 ) -> Result<SlotWritten, InstallError> {
     // 4. Target unbootable before its bytes change; its old record goes too.
     let started = Instant::now();
-    let disk_path = disk.dev.path().to_path_buf();
     let sector_size = disk.gpt.sector_size();
     let slots = disk.slots()?;
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
@@ -479,21 +480,16 @@ pub fn write_slot<R: Read + Send>(
     let mut invalid = attrs.clone();
     invalid[target] = select::invalidate(attrs[target]);
     disk.write_slot_attributes(&slots, &invalid)?;
-    let node = partition_device_path(&disk_path, slot.partition());
-    let out = SlotTarget::open_for_write(
-        &slot.name,
-        &disk_path,
-        disk.dev.is_block_device(),
-        &node,
-        slot.offset_bytes(sector_size),
-        slot_size,
-    )?;
+    let out = disk
+        .dev
+        .open_slot(&slot.name, slot.partition(), slot.offset_bytes(sector_size), slot_size)?;
+    let out: &dyn SlotIo = &*out;
     let record_offset = slot_size - RECORD_BYTES;
     let mut record_buf = SlotTarget::buffer(RECORD_BYTES as usize);
     out.write_at(&slot.name, &record_buf, record_offset)?;
     events(InstallEvent::TargetInvalidated {
         target: slot.name.clone(),
-        path: out.path().display().to_string(),
+        path: out.describe(),
         direct_io: out.is_direct(),
     });
 
@@ -537,7 +533,7 @@ pub fn write_slot<R: Read + Send>(
     // 6. Flush, then read back and compare with the signed hash.
     let verify_started = Instant::now();
     out.sync(&slot.name)?;
-    let actual = read_back_hash(&out, &slot.name, total, cancel, events)?;
+    let actual = read_back_hash(out, &slot.name, total, cancel, events)?;
     if actual != header.image_sha256 {
         return Err(InstallError::ReadbackMismatch {
             slot: slot.name.clone(),
@@ -574,8 +570,8 @@ pub fn write_slot<R: Read + Send>(
 
 /// Writes a factory image into slot `target` of a fresh disk (`disk init --seed`): the same
 /// verified write as an install, then the slot is marked good and boots next.
-pub fn seed_slot<R: Read + Send>(
-    disk: &mut AbDisk<FileDevice>,
+pub fn seed_slot<D: SlotBacking, R: Read + Send>(
+    disk: &mut AbDisk<D>,
     target: usize,
     bundle: R,
     keyring: &Keyring,
@@ -593,7 +589,7 @@ pub fn seed_slot<R: Read + Send>(
 /// Reads `len` bytes of the slot back and hashes them, with the reads on a helper thread so
 /// the device and the hash run at the same time. Two 8 MiB buffers circulate.
 fn read_back_hash(
-    out: &SlotTarget,
+    out: &dyn SlotIo,
     slot: &str,
     len: u64,
     cancel: &AtomicBool,

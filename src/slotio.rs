@@ -12,7 +12,125 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::Mutex;
+
+use crate::blockdev::{BlockDevice, FileDevice, MemDevice, RecordingDevice};
 use crate::sys::{self, AlignedBuf};
+
+/// Byte I/O on one open slot, shared between the writer and the read-back thread.
+pub trait SlotIo: Sync {
+    /// Writes `buf` at `offset` within the slot.
+    fn write_at(&self, slot: &str, buf: &[u8], offset: u64) -> Result<(), SlotIoError>;
+    /// Reads into `buf` at `offset` within the slot.
+    fn read_at(&self, slot: &str, buf: &mut [u8], offset: u64) -> Result<(), SlotIoError>;
+    /// Makes every write durable.
+    fn sync(&self, slot: &str) -> Result<(), SlotIoError>;
+    /// What is written to, for messages.
+    fn describe(&self) -> String;
+    /// Whether writes bypass the page cache.
+    fn is_direct(&self) -> bool;
+}
+
+/// A disk that can open one of its slots for writing, and say where it lives.
+pub trait SlotBacking: BlockDevice {
+    /// Opens the byte range `offset..offset+len` (slot `slot`, partition `partition`).
+    fn open_slot(&mut self, slot: &str, partition: u32, offset: u64, len: u64) -> Result<Box<dyn SlotIo + '_>, SlotIoError>;
+    /// The path and whether it is a block device, when the disk is a real one (used to find
+    /// the running slot on a live system).
+    fn location(&self) -> Option<(&Path, bool)>;
+}
+
+impl SlotBacking for FileDevice {
+    fn open_slot(&mut self, slot: &str, partition: u32, offset: u64, len: u64) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
+        let node = crate::slots::partition_device_path(self.path(), partition);
+        Ok(Box::new(SlotTarget::open_for_write(slot, self.path(), self.is_block_device(), &node, offset, len)?))
+    }
+    fn location(&self) -> Option<(&Path, bool)> {
+        Some((self.path(), self.is_block_device()))
+    }
+}
+
+/// A slot inside an in-process device (memory image, recording layer): every access goes
+/// through the device, bounded to the slot.
+pub struct DeviceSlot<'a, D> {
+    dev: Mutex<&'a mut D>,
+    base: u64,
+    len: u64,
+}
+
+impl<'a, D: BlockDevice> DeviceSlot<'a, D> {
+    /// The slot at `base..base+len` of `dev`.
+    pub fn new(dev: &'a mut D, base: u64, len: u64) -> Self {
+        Self {
+            dev: Mutex::new(dev),
+            base,
+            len,
+        }
+    }
+
+    fn bounded(&self, slot: &str, offset: u64, len: usize) -> Result<u64, SlotIoError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.len => Ok(self.base + offset),
+            _ => Err(SlotIoError::OutOfBounds {
+                slot: slot.into(),
+                offset,
+                len: len as u64,
+                slot_len: self.len,
+            }),
+        }
+    }
+
+    fn io_err(&self, what: &'static str, slot: &str, offset: u64, source: io::Error) -> SlotIoError {
+        SlotIoError::Io {
+            what,
+            slot: slot.into(),
+            path: PathBuf::from("<device>"),
+            offset,
+            source,
+        }
+    }
+}
+
+impl<D: BlockDevice + Send> SlotIo for DeviceSlot<'_, D> {
+    fn write_at(&self, slot: &str, buf: &[u8], offset: u64) -> Result<(), SlotIoError> {
+        let at = self.bounded(slot, offset, buf.len())?;
+        let mut dev = self.dev.lock().unwrap_or_else(|p| p.into_inner());
+        dev.write_at(buf, at).map_err(|e| self.io_err("writing", slot, offset, e))
+    }
+    fn read_at(&self, slot: &str, buf: &mut [u8], offset: u64) -> Result<(), SlotIoError> {
+        let at = self.bounded(slot, offset, buf.len())?;
+        let mut dev = self.dev.lock().unwrap_or_else(|p| p.into_inner());
+        dev.read_at(buf, at).map_err(|e| self.io_err("reading back", slot, offset, e))
+    }
+    fn sync(&self, slot: &str) -> Result<(), SlotIoError> {
+        let mut dev = self.dev.lock().unwrap_or_else(|p| p.into_inner());
+        dev.flush().map_err(|e| self.io_err("flushing", slot, 0, e))
+    }
+    fn describe(&self) -> String {
+        format!("in-process device at byte {}", self.base)
+    }
+    fn is_direct(&self) -> bool {
+        false
+    }
+}
+
+impl SlotBacking for MemDevice {
+    fn open_slot(&mut self, _slot: &str, _partition: u32, offset: u64, len: u64) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
+        Ok(Box::new(DeviceSlot::new(self, offset, len)))
+    }
+    fn location(&self) -> Option<(&Path, bool)> {
+        None
+    }
+}
+
+impl<D: BlockDevice + Send> SlotBacking for RecordingDevice<D> {
+    fn open_slot(&mut self, _slot: &str, _partition: u32, offset: u64, len: u64) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
+        Ok(Box::new(DeviceSlot::new(self, offset, len)))
+    }
+    fn location(&self) -> Option<(&Path, bool)> {
+        None
+    }
+}
 
 /// Alignment used for direct I/O buffers and transfer sizes (covers 512 and 4096 sectors).
 pub const DIRECT_ALIGN: usize = 4096;
@@ -88,6 +206,24 @@ fn partition_node_matches(node: &Path, offset: u64, len: u64) -> bool {
         (sysfs_u64(&sys.join("start")), sysfs_u64(&sys.join("size"))),
         (Some(start), Some(size)) if start * 512 == offset && size * 512 == len
     )
+}
+
+impl SlotIo for SlotTarget {
+    fn write_at(&self, slot: &str, buf: &[u8], offset: u64) -> Result<(), SlotIoError> {
+        SlotTarget::write_at(self, slot, buf, offset)
+    }
+    fn read_at(&self, slot: &str, buf: &mut [u8], offset: u64) -> Result<(), SlotIoError> {
+        SlotTarget::read_at(self, slot, buf, offset)
+    }
+    fn sync(&self, slot: &str) -> Result<(), SlotIoError> {
+        SlotTarget::sync(self, slot)
+    }
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn is_direct(&self) -> bool {
+        self.direct
+    }
 }
 
 impl SlotTarget {
