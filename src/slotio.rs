@@ -34,16 +34,35 @@ pub trait SlotIo: Sync {
 /// A disk that can open one of its slots for writing, and say where it lives.
 pub trait SlotBacking: BlockDevice {
     /// Opens the byte range `offset..offset+len` (slot `slot`, partition `partition`).
-    fn open_slot(&mut self, slot: &str, partition: u32, offset: u64, len: u64) -> Result<Box<dyn SlotIo + '_>, SlotIoError>;
+    fn open_slot(
+        &mut self,
+        slot: &str,
+        partition: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn SlotIo + '_>, SlotIoError>;
     /// The path and whether it is a block device, when the disk is a real one (used to find
     /// the running slot on a live system).
     fn location(&self) -> Option<(&Path, bool)>;
 }
 
 impl SlotBacking for FileDevice {
-    fn open_slot(&mut self, slot: &str, partition: u32, offset: u64, len: u64) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
+    fn open_slot(
+        &mut self,
+        slot: &str,
+        partition: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
         let node = crate::slots::partition_device_path(self.path(), partition);
-        Ok(Box::new(SlotTarget::open_for_write(slot, self.path(), self.is_block_device(), &node, offset, len)?))
+        Ok(Box::new(SlotTarget::open_for_write(
+            slot,
+            self.path(),
+            self.is_block_device(),
+            &node,
+            offset,
+            len,
+        )?))
     }
     fn location(&self) -> Option<(&Path, bool)> {
         Some((self.path(), self.is_block_device()))
@@ -80,7 +99,13 @@ impl<'a, D: BlockDevice> DeviceSlot<'a, D> {
         }
     }
 
-    fn io_err(&self, what: &'static str, slot: &str, offset: u64, source: io::Error) -> SlotIoError {
+    fn io_err(
+        &self,
+        what: &'static str,
+        slot: &str,
+        offset: u64,
+        source: io::Error,
+    ) -> SlotIoError {
         SlotIoError::Io {
             what,
             slot: slot.into(),
@@ -95,12 +120,14 @@ impl<D: BlockDevice + Send> SlotIo for DeviceSlot<'_, D> {
     fn write_at(&self, slot: &str, buf: &[u8], offset: u64) -> Result<(), SlotIoError> {
         let at = self.bounded(slot, offset, buf.len())?;
         let mut dev = self.dev.lock().unwrap_or_else(|p| p.into_inner());
-        dev.write_at(buf, at).map_err(|e| self.io_err("writing", slot, offset, e))
+        dev.write_at(buf, at)
+            .map_err(|e| self.io_err("writing", slot, offset, e))
     }
     fn read_at(&self, slot: &str, buf: &mut [u8], offset: u64) -> Result<(), SlotIoError> {
         let at = self.bounded(slot, offset, buf.len())?;
         let mut dev = self.dev.lock().unwrap_or_else(|p| p.into_inner());
-        dev.read_at(buf, at).map_err(|e| self.io_err("reading back", slot, offset, e))
+        dev.read_at(buf, at)
+            .map_err(|e| self.io_err("reading back", slot, offset, e))
     }
     fn sync(&self, slot: &str) -> Result<(), SlotIoError> {
         let mut dev = self.dev.lock().unwrap_or_else(|p| p.into_inner());
@@ -115,7 +142,13 @@ impl<D: BlockDevice + Send> SlotIo for DeviceSlot<'_, D> {
 }
 
 impl SlotBacking for MemDevice {
-    fn open_slot(&mut self, _slot: &str, _partition: u32, offset: u64, len: u64) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
+    fn open_slot(
+        &mut self,
+        _slot: &str,
+        _partition: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
         Ok(Box::new(DeviceSlot::new(self, offset, len)))
     }
     fn location(&self) -> Option<(&Path, bool)> {
@@ -124,7 +157,13 @@ impl SlotBacking for MemDevice {
 }
 
 impl<D: BlockDevice + Send> SlotBacking for RecordingDevice<D> {
-    fn open_slot(&mut self, _slot: &str, _partition: u32, offset: u64, len: u64) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
+    fn open_slot(
+        &mut self,
+        _slot: &str,
+        _partition: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
         Ok(Box::new(DeviceSlot::new(self, offset, len)))
     }
     fn location(&self) -> Option<(&Path, bool)> {

@@ -318,6 +318,16 @@ impl<R: Read> BundleReader<R> {
         self.compressed.capacity() + self.chunk.capacity()
     }
 
+    /// Stops computing the running whole-image SHA-256 for the rest of the stream.
+    ///
+    /// Every chunk is still checked against its signed hash before it is handed out, which
+    /// already authenticates every byte. Only for callers that check the whole-image hash
+    /// another way: the install pipeline hashes what it reads back from the slot, so hashing
+    /// the stream too would cost a third SHA-256 pass on the writer's thread for nothing.
+    pub fn skip_image_hash(&mut self) {
+        self.image_hasher = None;
+    }
+
     /// Gives the underlying reader back.
     pub fn into_inner(self) -> R {
         self.inner

@@ -43,11 +43,20 @@ pub fn tool(program: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Runs a tool, asserting success, returning its stdout trimmed.
+/// Runs a tool, asserting success, returning its stdout trimmed (stderr, where cgpt prints
+/// its warnings about a damaged copy, is only shown on failure).
 pub fn tool_ok(program: &str, args: &[&str]) -> String {
-    let (ok, text) = tool(program, args);
-    assert!(ok, "{program} {args:?} failed: {text}");
-    text.trim().to_string()
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Whether a facility the test needs is present. Under CI (`CI=true`) a missing facility is a
