@@ -56,6 +56,12 @@ pub enum OpenError {
         /// The path given.
         path: PathBuf,
     },
+    /// The block device is read-only.
+    #[error("{path} is a read-only device; nothing can be written to it")]
+    ReadOnly {
+        /// The disk path.
+        path: PathBuf,
+    },
     /// A sector size other than 512 or 4096.
     #[error("{path}: unsupported logical sector size {size} (expected 512 or 4096)")]
     BadSectorSize {
@@ -90,6 +96,11 @@ impl FileDevice {
             .map_err(io_err)?;
         let meta = file.metadata().map_err(io_err)?;
         let file_type = meta.file_type();
+        if writable && file_type.is_block_device() && sys::is_read_only(&file).map_err(io_err)? {
+            return Err(OpenError::ReadOnly {
+                path: path.to_path_buf(),
+            });
+        }
         let (len, detected, is_block_device) = if file_type.is_block_device() {
             let len = sys::block_device_size(&file).map_err(io_err)?;
             let sector = sys::logical_sector_size(&file).map_err(io_err)?;

@@ -483,6 +483,14 @@ pub fn write_slot<D: SlotBacking, R: Read + Send>(
             record: RECORD_BYTES,
         });
     }
+    // Probe-open the slot first: a target that is mounted or cannot be opened is refused
+    // while the disk is still exactly as it was.
+    drop(disk.dev.open_slot(
+        &slot.name,
+        slot.partition(),
+        slot.offset_bytes(sector_size),
+        slot_size,
+    )?);
     let mut invalid = attrs.clone();
     invalid[target] = select::invalidate(attrs[target]);
     disk.write_slot_attributes(&slots, &invalid)?;
@@ -608,7 +616,7 @@ pub fn seed_slot<D: SlotBacking, R: Read + Send>(
 /// Bytes written between two flushes, each flushed region then being read back.
 const FLUSH_EVERY: u64 = 64 << 20;
 /// Read-back piece size.
-const READBACK_PIECE: usize = 8 << 20;
+const READBACK_PIECE: usize = 2 << 20;
 
 /// Streams verified chunks into the slot with aligned writes; after every [`FLUSH_EVERY`]
 /// bytes and at the end, flushes and hands the flushed region to the verifier.

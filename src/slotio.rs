@@ -197,6 +197,14 @@ pub enum SlotIoError {
         /// OS error.
         source: io::Error,
     },
+    /// The partition is mounted or held open exclusively by another program.
+    #[error("slot {slot} ({path}) is in use (mounted or opened exclusively by another program); refusing to write it")]
+    Busy {
+        /// Slot label.
+        slot: String,
+        /// Partition node.
+        path: PathBuf,
+    },
     /// A read or write failed.
     #[error("{what} slot {slot} at byte offset {offset} of {path}: {source}")]
     Io {
@@ -282,12 +290,20 @@ impl SlotTarget {
             } else {
                 (disk.to_path_buf(), offset)
             };
+        // On a partition node, O_EXCL makes the kernel refuse (EBUSY) while the partition is
+        // mounted or held exclusively by another program, so a slot in use is never written.
+        let exclusive = base == 0 && disk_is_block_device;
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
             o.read(true).write(true);
+            let mut flags = 0;
             if direct {
-                o.custom_flags(libc::O_DIRECT);
+                flags |= libc::O_DIRECT;
             }
+            if exclusive {
+                flags |= libc::O_EXCL;
+            }
+            o.custom_flags(flags);
             o.open(&path)
         };
         let (file, direct) = match open(true) {
@@ -301,6 +317,12 @@ impl SlotTarget {
                 })?,
                 false,
             ),
+            Err(source) if source.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(SlotIoError::Busy {
+                    slot: slot.into(),
+                    path,
+                })
+            }
             Err(source) => {
                 return Err(SlotIoError::Open {
                     slot: slot.into(),

@@ -29,6 +29,21 @@ pub fn logical_sector_size(file: &File) -> io::Result<u32> {
     u32::try_from(size).map_err(|_| io::Error::other("negative sector size"))
 }
 
+// _IO(0x12, 94): read-only flag of a block device.
+const BLKROGET: libc::c_ulong = 0x125e;
+
+/// Whether a block device is read-only (`BLKROGET`): such a device opens for writing but
+/// fails every write, so writers check first.
+pub fn is_read_only(file: &File) -> io::Result<bool> {
+    let mut ro: libc::c_int = 0;
+    // SAFETY: BLKROGET writes one c_int through the pointer, which points to a live local.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKROGET as _, &mut ro as *mut libc::c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ro != 0)
+}
+
 /// Size in bytes of a block device (`BLKGETSIZE64`).
 pub fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size: u64 = 0;
