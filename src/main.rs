@@ -484,7 +484,15 @@ fn install_cmd(
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     let cancel = Arc::new(AtomicBool::new(false));
+    // The first signal asks the pipeline to stop at the next chunk (target left unbootable);
+    // a second one exits at once, e.g. when the bundle source itself has stalled. Either way
+    // the target was invalidated before its first byte changed.
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(
+            signal,
+            Exit::Interrupted as i32,
+            Arc::clone(&cancel),
+        )?;
         signal_hook::flag::register(signal, Arc::clone(&cancel))?;
     }
     options.sentinel = (!no_sentinel).then_some(sentinel);

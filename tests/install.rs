@@ -357,3 +357,69 @@ fn installs_on_a_loop_device_through_the_partition_node() {
     drop(lo);
     assert_running_slot_intact(&s);
 }
+
+/// SIGTERM mid-install: exit 130, the target left unbootable, the running slot untouched.
+#[test]
+fn sigterm_stops_cleanly_and_leaves_the_target_unbootable() {
+    use std::io::Write;
+    if !have_gpt_tools() {
+        return;
+    }
+    let s = setup();
+    let image = s.dir.join("v2.img");
+    make_image(&image, 6 * 1024 * 1024, 11);
+    let bundle = s.dir.join("v2.abup");
+    make_bundle(&image, "2.0", "test-board", &bundle);
+    // ROOT-B starts as a good fallback, so "unbootable afterwards" means the install changed it.
+    tool_ok(
+        "cgpt",
+        &["add", "-i", "2", "-P", "1", "-T", "0", "-S", "1", &s.disk],
+    );
+    let bytes = std::fs::read(&bundle).unwrap();
+    let mut child = Command::new(bin())
+        .args([
+            "install",
+            "-",
+            "--disk",
+            &s.disk,
+            "--keyring",
+            test_pubkey().to_str().unwrap(),
+            "--compatible",
+            "test-board",
+            "--no-sentinel",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&bytes[..bytes.len() / 3]).unwrap();
+    stdin.flush().unwrap();
+    // Wait until the target has been invalidated, then signal.
+    for _ in 0..200 {
+        if cgpt_fields(&s.disk, 2) == (0, 0, false) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        cgpt_fields(&s.disk, 2),
+        (0, 0, false),
+        "target not invalidated before writing"
+    );
+    tool_ok("kill", &["-TERM", &child.id().to_string()]);
+    // More data lets the pipeline reach its next chunk, where it sees the request to stop.
+    let _ = stdin.write_all(&bytes[bytes.len() / 3..]);
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted; ROOT-B left unbootable"),
+        "{stderr}"
+    );
+    assert_eq!(cgpt_fields(&s.disk, 2), (0, 0, false));
+    assert_running_slot_intact(&s);
+    assert_eq!(status_json(&s.disk, &[])["next_boot"], "ROOT-A");
+}
