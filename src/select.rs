@@ -80,14 +80,20 @@ pub fn boot_attempt(slots: &[SlotAttributes]) -> Option<BootChoice> {
 /// Like `cgpt prioritize`, it prefers one above the current maximum; when another slot already
 /// holds 15 there is no room and the caller must lower the others first (see [`prioritize`]).
 fn top_priority(slots: &[SlotAttributes], index: usize) -> u8 {
-    let others_max = slots
+    others_max_priority(slots, index)
+        .saturating_add(1)
+        .clamp(1, FIELD_MAX)
+}
+
+/// The highest priority among the slots other than `index` (0 if none).
+fn others_max_priority(slots: &[SlotAttributes], index: usize) -> u8 {
+    slots
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != index)
         .map(|(_, a)| a.priority())
         .max()
-        .unwrap_or(0);
-    others_max.saturating_add(1).clamp(1, FIELD_MAX)
+        .unwrap_or(0)
 }
 
 /// Makes slot `index` the highest priority strictly, renumbering the others if needed.
@@ -103,14 +109,7 @@ pub fn prioritize(
 ) -> Vec<SlotAttributes> {
     let mut out = slots.to_vec();
     out[index] = base;
-    let others_max = out
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != index)
-        .map(|(_, a)| a.priority())
-        .max()
-        .unwrap_or(0);
-    if others_max >= FIELD_MAX {
+    if others_max_priority(&out, index) >= FIELD_MAX {
         for (i, attrs) in out.iter_mut().enumerate() {
             if i != index && attrs.priority() > 1 {
                 *attrs = attrs.with_priority(attrs.priority() - 1);

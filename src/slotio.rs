@@ -88,15 +88,7 @@ impl<'a, D: BlockDevice> DeviceSlot<'a, D> {
     }
 
     fn bounded(&self, slot: &str, offset: u64, len: usize) -> Result<u64, SlotIoError> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.len => Ok(self.base + offset),
-            _ => Err(SlotIoError::OutOfBounds {
-                slot: slot.into(),
-                offset,
-                len: len as u64,
-                slot_len: self.len,
-            }),
-        }
+        bounded_offset(slot, self.base, self.len, offset, len)
     }
 
     fn io_err(
@@ -233,6 +225,26 @@ pub enum SlotIoError {
     },
 }
 
+/// The absolute offset of an access of `len` bytes at `offset` within a slot of `slot_len`
+/// bytes starting at `base`, or an error if any byte would fall outside the slot.
+fn bounded_offset(
+    slot: &str,
+    base: u64,
+    slot_len: u64,
+    offset: u64,
+    len: usize,
+) -> Result<u64, SlotIoError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= slot_len => Ok(base + offset),
+        _ => Err(SlotIoError::OutOfBounds {
+            slot: slot.into(),
+            offset,
+            len: len as u64,
+            slot_len,
+        }),
+    }
+}
+
 fn sysfs_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -351,16 +363,7 @@ impl SlotTarget {
     }
 
     fn check(&self, slot: &str, offset: u64, len: usize) -> Result<u64, SlotIoError> {
-        let end = offset.checked_add(len as u64);
-        match end {
-            Some(end) if end <= self.len => Ok(self.base + offset),
-            _ => Err(SlotIoError::OutOfBounds {
-                slot: slot.into(),
-                offset,
-                len: len as u64,
-                slot_len: self.len,
-            }),
-        }
+        bounded_offset(slot, self.base, self.len, offset, len)
     }
 
     /// Writes `buf` at `offset` within the slot. With direct I/O, `buf` must be aligned and a
