@@ -666,7 +666,9 @@ impl Gpt {
     }
 
     /// Replaces the attribute field of the given entries and writes both copies crash-safely.
-    /// Returns the number of bytes written (0 when nothing changed).
+    /// Returns the number of bytes written: 0 when nothing changed and both copies are healthy;
+    /// with no attribute change but a damaged or stale copy, that copy is repaired
+    /// ([`Gpt::repair`]).
     ///
     /// # Write order and why it is crash-safe
     ///
@@ -702,9 +704,37 @@ impl Gpt {
             entries[at..at + 8].copy_from_slice(&attributes.to_le_bytes());
         }
         if entries == self.current().entries {
-            return Ok(0);
+            return self.repair(dev);
         }
         self.write_entries(dev, entries)
+    }
+
+    /// Rewrites a damaged or stale copy from the copy in use; writes nothing when both copies
+    /// are valid and identical. Returns the bytes written.
+    ///
+    /// Like cgptlib's `GptRepair` at every boot: a power cut between the two copies of an
+    /// attribute write leaves a valid new primary and a stale backup, and the next boot must
+    /// not leave it so until some later attribute change. Crash-safe: only the copy that is not
+    /// in use is written, so a cut during the repair leaves the in-use copy as it was.
+    pub fn repair<D: BlockDevice>(&mut self, dev: &mut D) -> Result<u64, GptError> {
+        if self.is_consistent() {
+            return Ok(0);
+        }
+        let entries = self.current().entries.clone();
+        let damaged = match self.current_which() {
+            Which::Primary => Which::Backup,
+            Which::Backup => Which::Primary,
+        };
+        let written = self.write_copy(dev, damaged, &entries)?;
+        let repaired = Copy {
+            header: self.header_for(damaged, &entries),
+            entries,
+        };
+        match damaged {
+            Which::Primary => self.primary = Ok(repaired),
+            Which::Backup => self.backup = Ok(repaired),
+        }
+        Ok(written)
     }
 
     /// Writes a new entry array to both copies in the order documented on
@@ -886,6 +916,22 @@ mod tests {
                 .unwrap(),
             0
         );
+    }
+
+    #[test]
+    fn an_unchanged_write_still_repairs_then_writes_nothing() {
+        for damaged_offset in [512usize, 199 * 512, 2 * 512 + 100, (199 - 32) * 512 + 100] {
+            let mut dev = mem_disk(512, 200);
+            let attrs = Gpt::read(&mut dev).unwrap().entries()[0].attributes;
+            dev.data[damaged_offset] ^= 0x08;
+            let mut gpt = Gpt::read(&mut dev).unwrap();
+            assert!(!gpt.is_consistent());
+            let written = gpt.write_attributes(&mut dev, &[(0, attrs)]).unwrap();
+            assert!(written > 0, "damage at {damaged_offset} not repaired");
+            let mut again = Gpt::read(&mut dev).unwrap();
+            assert!(again.is_consistent());
+            assert_eq!(again.write_attributes(&mut dev, &[(0, attrs)]).unwrap(), 0);
+        }
     }
 
     #[test]

@@ -252,8 +252,8 @@ fn torn_primary_is_reported_used_from_backup_and_repaired() {
         );
         assert_eq!(status["gpt"][1]["in_use"], true);
         assert_eq!(slot_fields(&status, 0), (2, 0, true));
-        // An unchanged write writes nothing (and so repairs nothing): the boot path of a
-        // successful slot must not write. A real change repairs.
+        // The next write repairs the damaged copy (an unchanged one would too, see the gpt
+        // unit tests); on a healthy disk an unchanged write writes nothing.
         abupdate_ok(&[
             "set-attributes",
             "--disk",
