@@ -8,9 +8,10 @@ pub enum Exit {
     Success = 0,
     /// An error that fits no other class.
     Failure = 1,
-    /// Bad command-line usage (clap's own code).
+    /// Bad command-line usage (clap's own code), or a bad or incomplete configuration file.
     Usage = 2,
-    /// The bundle was refused: bad signature, corrupt, truncated, wrong key, too large.
+    /// The bundle or channel index was refused: bad signature, corrupt, truncated, wrong key,
+    /// too large, not what the signed index describes.
     BadBundle = 3,
     /// The disk was refused or failed: no valid GPT, missing or duplicate slots, I/O error.
     Disk = 4,
@@ -23,6 +24,9 @@ pub enum Exit {
     /// The operation was refused by policy: downgrade, incompatible bundle, target is running,
     /// rollback to a slot that is not known good.
     Refused = 8,
+    /// Fetching over the network failed: unreachable, HTTP error status, retries exhausted,
+    /// the server's length disagrees with the bundle's. The running slot is untouched.
+    FetchFailed = 9,
     /// Interrupted by a signal; the target slot was left unbootable.
     Interrupted = 130,
 }
@@ -33,8 +37,11 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     use crate::blockdev::OpenError;
     use crate::boot::BootError;
     use crate::bundle::{BundleError, KeyError};
+    use crate::channel::ChannelError;
     use crate::commit::CommitError;
+    use crate::config::ConfigError;
     use crate::gpt::GptError;
+    use crate::http::HttpError;
     use crate::install::InstallError;
     use crate::slotio::SlotIoError;
     use crate::slots::SlotError;
@@ -43,6 +50,41 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             OpenError::Locked { .. } => Exit::Busy,
             _ => Exit::Disk,
         });
+    }
+    if let Some(e) = err.downcast_ref::<HttpError>() {
+        return Some(classify_http(e));
+    }
+    if err.is::<ConfigError>() {
+        return Some(Exit::Usage);
+    }
+    if let Some(e) = err.downcast_ref::<ChannelError>() {
+        return Some(match e {
+            ChannelError::Fetch(h) => classify_http(h),
+            ChannelError::NoChannel => Exit::Usage,
+            ChannelError::Bundle(b) => match http_inside(b) {
+                Some(h) => classify_http(h),
+                None if e.is_refusal() => Exit::BadBundle,
+                None => Exit::Failure,
+            },
+            ChannelError::Io { .. } => Exit::Failure,
+            _ if e.is_refusal() => Exit::BadBundle,
+            ChannelError::AllMirrorsFailed { failures }
+                if failures
+                    .iter()
+                    .all(|(_, f)| matches!(f, ChannelError::Fetch(HttpError::Cancelled))) =>
+            {
+                Exit::Interrupted
+            }
+            _ => Exit::FetchFailed,
+        });
+    }
+    if let Some(h) = err.downcast_ref::<BundleError>().and_then(http_inside) {
+        return Some(classify_http(h));
+    }
+    if let Some(InstallError::Bundle(b)) = err.downcast_ref::<InstallError>() {
+        if let Some(h) = http_inside(b) {
+            return Some(classify_http(h));
+        }
     }
     if err.is::<GptError>() || err.is::<SlotError>() || err.is::<SlotIoError>() {
         return Some(Exit::Disk);
@@ -84,4 +126,22 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
         });
     }
     None
+}
+
+/// A download error that reached the bundle reader through its `Read` source.
+fn http_inside(err: &crate::bundle::BundleError) -> Option<&crate::http::HttpError> {
+    match err {
+        crate::bundle::BundleError::Io { source, .. } => crate::http::HttpError::from_io(source),
+        _ => None,
+    }
+}
+
+fn classify_http(err: &crate::http::HttpError) -> Exit {
+    match err {
+        crate::http::HttpError::Cancelled => Exit::Interrupted,
+        crate::http::HttpError::RetriesExhausted { last, .. } => classify_http(last),
+        // The bundle served is not the one the signed index names: refused, not "not fetched".
+        crate::http::HttpError::NotAsIndexed { .. } => Exit::BadBundle,
+        _ => Exit::FetchFailed,
+    }
 }

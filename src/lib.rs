@@ -16,15 +16,21 @@
 //! - [`slotio`]: bounded, direct I/O on the target slot.
 //! - [`bundle`]: the signed, chunked, zstd-compressed update bundle format.
 //! - [`sys`]: the only module with `unsafe` (ioctls, flock, aligned buffers).
+//! - [`http`]: fetching bundles over HTTP(S) with resume, bounded retries and timeouts.
+//! - [`channel`]: the signed update channel index, update decisions and the download cache.
+//! - [`config`]: the `/etc/abupdate.toml` configuration file.
 
 pub mod attrs;
 pub mod blockdev;
 pub mod boot;
 pub mod bundle;
+pub mod channel;
 pub mod commit;
+pub mod config;
 pub mod exit;
 pub mod footer;
 pub mod gpt;
+pub mod http;
 pub mod init;
 pub mod install;
 pub mod running;

@@ -1,15 +1,24 @@
 //! The `abupdate` command line: a thin layer over the library. Errors become one line on
 //! stderr and an exit code from the table in README.md.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use abupdate::blockdev::FileDevice;
+use abupdate::bundle::Keyring;
+use abupdate::channel::{Found, SlotView, Verdict};
+use abupdate::config::{parse_duration, Loaded, RebootPolicy, Strategy};
 use abupdate::exit::Exit;
+use abupdate::http::{EventSink, Expected, FetchEvent, FetchOptions, FetchSummary, Fetcher};
 use abupdate::init::{create_disk_image, InitSpec};
+use abupdate::install::{InstallOptions, InstallReport};
 use abupdate::slots::{AbDisk, DEFAULT_LABELS};
 use abupdate::{footer, running};
 
@@ -20,22 +29,98 @@ use abupdate::{footer, running};
     about = "A/B root partition updates for GPT disks"
 )]
 struct Cli {
+    /// Configuration file (default /etc/abupdate.toml, which may be absent; a file named here
+    /// must exist). Flags override its settings.
+    #[arg(long, global = true, env = "ABUPDATE_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
-/// Options naming the disk and its slots, shared by every command that opens one.
+/// Options naming the disk and its slots, shared by every command that opens one; each falls
+/// back to the configuration file.
 #[derive(Args, Clone)]
-struct DiskArgs {
-    /// Disk image file or block device holding the A/B slots.
+struct DiskFlags {
+    /// Disk image file or block device holding the A/B slots [config: disk].
     #[arg(long, env = "ABUPDATE_DISK")]
-    disk: PathBuf,
-    /// Logical sector size of a disk image file (block devices report their own).
+    disk: Option<PathBuf>,
+    /// Logical sector size of a disk image file (block devices report their own) [config: sector-size].
     #[arg(long)]
     sector_size: Option<u32>,
-    /// Slot partition labels, A first.
-    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_LABELS.map(String::from))]
+    /// Slot partition labels, A first [default: ROOT-A,ROOT-B] [config: labels].
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    labels: Option<Vec<String>>,
+}
+
+/// The disk settings after flags and configuration are merged.
+#[derive(Clone)]
+struct DiskArgs {
+    disk: PathBuf,
+    sector_size: Option<u32>,
     labels: Vec<String>,
+}
+
+/// Download behaviour; each flag falls back to the configuration file's `[fetch]` table.
+#[derive(Args, Clone, Default)]
+struct FetchFlags {
+    /// Reconnections allowed per download [default: 10] [config: fetch.retries].
+    #[arg(long)]
+    retries: Option<u32>,
+    /// First back-off delay, doubling per failure in a row (e.g. 500ms, 2s) [default: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    retry_delay: Option<Duration>,
+    /// Cap of the back-off delay [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    max_retry_delay: Option<Duration>,
+    /// Connect timeout [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    connect_timeout: Option<Duration>,
+    /// Read timeout: per read, for response headers, and the low-speed window [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    read_timeout: Option<Duration>,
+    /// Bytes/s below which a connection counts as stalled, 0 = off [default: 1024].
+    #[arg(long)]
+    low_speed_limit: Option<u64>,
+    /// Redirects followed per request [default: 10].
+    #[arg(long)]
+    max_redirects: Option<u32>,
+    /// PEM file of trusted CA certificates [default: built-in Mozilla roots].
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+/// Channel and policy options shared by `check` and `update`.
+#[derive(Args, Clone)]
+struct ChannelFlags {
+    /// Channel index URL; repeat for mirrors, tried in order [config: channel].
+    #[arg(long = "channel")]
+    channels: Vec<String>,
+    /// Trusted public key file or directory of *.pub files [default: /etc/abupdate/keys] [config: keyring].
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+    /// This device's compatible string (default: the running slot's recorded one) [config: compatible].
+    #[arg(long)]
+    compatible: Option<String>,
+    /// The running slot, when it cannot be detected (default: the slot that boots next).
+    #[arg(long)]
+    running: Option<String>,
+}
+
+/// What happens after an install.
+#[derive(Args, Clone)]
+struct RebootFlags {
+    /// Reboot-required sentinel path, for fleet reboot coordinators such as kured [default: /run/reboot-required] [config: sentinel].
+    #[arg(long)]
+    sentinel: Option<PathBuf>,
+    /// Do not write the sentinel (reboot policy `none`).
+    #[arg(long)]
+    no_sentinel: bool,
+    /// Reboot once the install succeeded (reboot policy `now`).
+    #[arg(long)]
+    reboot: bool,
+    /// Reboot policy: sentinel, now or none [default: sentinel] [config: reboot].
+    #[arg(long, value_enum)]
+    reboot_policy: Option<RebootPolicy>,
 }
 
 #[derive(Subcommand)]
@@ -46,7 +131,7 @@ enum Command {
     /// Show the slots, their attributes and the health of both GPT copies.
     Status {
         #[command(flatten)]
-        disk: DiskArgs,
+        disk: DiskFlags,
         /// The running slot, when this is not the live disk.
         #[arg(long)]
         running: Option<String>,
@@ -57,7 +142,7 @@ enum Command {
     /// Boot-time hook: choose the slot to boot, spend a try, print what to mount.
     Boot {
         #[command(flatten)]
-        disk: DiskArgs,
+        disk: DiskFlags,
         /// Output format.
         #[arg(long, value_enum, default_value = "env")]
         format: BootFormat,
@@ -65,7 +150,7 @@ enum Command {
     /// Mark a slot (default: the running one) good: successful, no tries, boots next.
     MarkGood {
         #[command(flatten)]
-        disk: DiskArgs,
+        disk: DiskFlags,
         #[command(flatten)]
         slot: SlotArg,
         /// Machine-readable output.
@@ -75,7 +160,7 @@ enum Command {
     /// Mark a slot (default: the running one) bad: priority 0, tries 0, not successful.
     MarkBad {
         #[command(flatten)]
-        disk: DiskArgs,
+        disk: DiskFlags,
         #[command(flatten)]
         slot: SlotArg,
         /// Mark it bad even if no other slot is bootable (the device will not boot).
@@ -88,7 +173,7 @@ enum Command {
     /// Make the other slot boot next, only if it is marked successful.
     Rollback {
         #[command(flatten)]
-        disk: DiskArgs,
+        disk: DiskFlags,
         /// The running slot, when it cannot be detected.
         #[arg(long)]
         slot: Option<String>,
@@ -99,18 +184,18 @@ enum Command {
     /// Post-boot health commit: run checks, then mark the running slot good or bad.
     Commit {
         #[command(flatten)]
-        disk: DiskArgs,
+        disk: DiskFlags,
         #[command(flatten)]
         slot: SlotArg,
-        /// A health check command (run with sh -c; exit 0 = healthy). Repeatable.
+        /// A health check command (run with sh -c; exit 0 = healthy). Repeatable [config: health-checks, used when neither --check nor --checks-file is given].
         #[arg(long = "check")]
         checks: Vec<String>,
         /// A file of checks, one command per line (blank lines and # comments ignored).
         #[arg(long)]
         checks_file: Option<PathBuf>,
-        /// Seconds each check may run before it counts as failed.
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
+        /// Time each check may run before it counts as failed (seconds, or e.g. 2m) [default: 60s] [config: health-timeout].
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
         /// Reboot when a check failed (after marking the slot bad).
         #[arg(long)]
         reboot: bool,
@@ -129,17 +214,18 @@ enum Command {
     Bundle(BundleCommand),
     /// Verify a bundle and stream it into the inactive slot, then make that slot boot next.
     Install {
-        /// Bundle file, block device holding a bundle, or `-` for stdin.
+        /// Bundle file, block device holding a bundle, `-` for stdin, or an http(s):// URL
+        /// (streamed into the slot with resume, never stored).
         bundle: PathBuf,
         #[command(flatten)]
-        disk: DiskArgs,
-        /// Trusted public key file or directory of *.pub files.
-        #[arg(long, default_value = "/etc/abupdate/keys")]
-        keyring: PathBuf,
-        /// Tries given to the new slot before it falls back.
-        #[arg(long, default_value_t = abupdate::select::DEFAULT_TRIES, value_parser = clap::value_parser!(u8).range(1..=15))]
-        tries: u8,
-        /// This device's compatible string (default: the running slot's recorded one).
+        disk: DiskFlags,
+        /// Trusted public key file or directory of *.pub files [default: /etc/abupdate/keys] [config: keyring].
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+        /// Tries given to the new slot before it falls back [default: 3] [config: tries].
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=15))]
+        tries: Option<u8>,
+        /// This device's compatible string (default: the running slot's recorded one) [config: compatible].
         #[arg(long)]
         compatible: Option<String>,
         /// Allow a version lower than the running slot's.
@@ -148,23 +234,57 @@ enum Command {
         /// The running slot, when it cannot be detected (default: the slot that boots next).
         #[arg(long)]
         running: Option<String>,
-        /// Reboot-required sentinel path, for fleet reboot coordinators such as kured.
-        #[arg(long, default_value = abupdate::install::DEFAULT_SENTINEL)]
-        sentinel: PathBuf,
-        /// Do not write the sentinel.
-        #[arg(long)]
-        no_sentinel: bool,
-        /// Reboot once the install succeeded.
-        #[arg(long)]
-        reboot: bool,
+        #[command(flatten)]
+        reboot: RebootFlags,
+        #[command(flatten)]
+        fetch: FetchFlags,
         /// JSON lines: one object per progress event, then the report.
         #[arg(long)]
         json: bool,
     },
+    /// Ask the update channel whether a newer compatible version than the running one exists.
+    Check {
+        #[command(flatten)]
+        disk: DiskFlags,
+        #[command(flatten)]
+        channel: ChannelFlags,
+        #[command(flatten)]
+        fetch: FetchFlags,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the channel and act on the update strategy: install (auto), download and verify
+    /// into the cache (download-only), or nothing (off); the reboot follows the reboot policy.
+    Update {
+        #[command(flatten)]
+        disk: DiskFlags,
+        #[command(flatten)]
+        channel: ChannelFlags,
+        /// auto, download-only or off [default: auto] [config: strategy].
+        #[arg(long, value_enum)]
+        strategy: Option<Strategy>,
+        /// Download cache directory [default: /var/cache/abupdate] [config: cache-dir].
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Tries given to the new slot before it falls back [default: 3] [config: tries].
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=15))]
+        tries: Option<u8>,
+        #[command(flatten)]
+        reboot: RebootFlags,
+        #[command(flatten)]
+        fetch: FetchFlags,
+        /// JSON lines: one object per event, then a `done` object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Update channel publishing (operator side).
+    #[command(subcommand)]
+    Channel(ChannelCommand),
     /// Low-level: set a slot's cgpt attributes directly (like `cgpt add -P -T -S`).
     SetAttributes {
         #[command(flatten)]
-        disk: DiskArgs,
+        disk: DiskFlags,
         /// Slot label or letter.
         #[arg(long)]
         slot: String,
@@ -246,6 +366,27 @@ enum BundleCommand {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChannelCommand {
+    /// Write the signed channel index for a bundle (version, compatible, size and image hash
+    /// from its header), signed with the same key as bundles.
+    Create {
+        /// The bundle the channel offers.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Secret key file (from `abupdate keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Bundle URL written into the index: absolute, or relative to the index's own URL
+        /// [default: the bundle's file name, i.e. beside the index].
+        #[arg(long)]
+        bundle_url: Option<String>,
+        /// Output index file.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -368,23 +509,17 @@ fn commit_cmd(
     args: &DiskArgs,
     slot: Option<&str>,
     checks: &[String],
-    timeout: u64,
+    timeout: Duration,
     reboot: bool,
     json: bool,
 ) -> Result<()> {
     let mut disk = open_disk_locked(args)?;
     let index = target_slot(&disk, args, slot)?;
-    let result = abupdate::commit::commit(
-        &mut disk,
-        index,
-        checks,
-        std::time::Duration::from_secs(timeout),
-        |check, outcome| {
-            if !json {
-                eprintln!("check {check}: {outcome}");
-            }
-        },
-    );
+    let result = abupdate::commit::commit(&mut disk, index, checks, timeout, |check, outcome| {
+        if !json {
+            eprintln!("check {check}: {outcome}");
+        }
+    });
     match result {
         Ok(report) => {
             if json {
@@ -470,23 +605,83 @@ fn load_keyring(path: &std::path::Path) -> Result<abupdate::bundle::Keyring> {
     Ok(abupdate::bundle::Keyring::load(path)?)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn install_cmd(
-    bundle: &std::path::Path,
-    args: &DiskArgs,
-    keyring: &std::path::Path,
-    mut options: abupdate::install::InstallOptions,
-    sentinel: PathBuf,
-    no_sentinel: bool,
-    reboot: bool,
-    json: bool,
-) -> Result<()> {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
+// ---- Settings: flags over the configuration file over built-in defaults. ----
+
+fn resolve_disk(flags: &DiskFlags, cfg: &Loaded) -> Result<DiskArgs> {
+    let c = &cfg.config;
+    let disk = flags
+        .disk
+        .clone()
+        .or_else(|| c.disk.clone())
+        .ok_or_else(|| cfg.unset("disk", "--disk (or ABUPDATE_DISK)", "disk"))?;
+    let labels = flags
+        .labels
+        .clone()
+        .or_else(|| c.labels.clone())
+        .unwrap_or_else(|| DEFAULT_LABELS.map(String::from).to_vec());
+    Ok(DiskArgs {
+        disk,
+        sector_size: flags.sector_size.or(c.sector_size),
+        labels,
+    })
+}
+
+fn fetch_options(flags: &FetchFlags, cfg: &Loaded) -> FetchOptions {
+    let base = cfg.config.fetch_options();
+    FetchOptions {
+        retries: flags.retries.unwrap_or(base.retries),
+        retry_delay: flags.retry_delay.unwrap_or(base.retry_delay),
+        max_retry_delay: flags.max_retry_delay.unwrap_or(base.max_retry_delay),
+        connect_timeout: flags.connect_timeout.unwrap_or(base.connect_timeout),
+        read_timeout: flags.read_timeout.unwrap_or(base.read_timeout),
+        low_speed_limit: flags.low_speed_limit.unwrap_or(base.low_speed_limit),
+        max_redirects: flags.max_redirects.unwrap_or(base.max_redirects),
+        ca_file: flags.ca_file.clone().or(base.ca_file),
+    }
+}
+
+fn keyring_path(flag: Option<&Path>, cfg: &Loaded) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| cfg.config.keyring.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_KEYRING))
+}
+
+/// The reboot policy and the sentinel to write (none for policy `none`).
+fn reboot_settings(flags: &RebootFlags, cfg: &Loaded) -> (RebootPolicy, Option<PathBuf>) {
+    let policy = if flags.reboot {
+        RebootPolicy::Now
+    } else if flags.no_sentinel {
+        RebootPolicy::None
+    } else {
+        flags
+            .reboot_policy
+            .or(cfg.config.reboot)
+            .unwrap_or_default()
+    };
+    let sentinel = flags
+        .sentinel
+        .clone()
+        .or_else(|| cfg.config.sentinel.clone())
+        .unwrap_or_else(|| PathBuf::from(abupdate::install::DEFAULT_SENTINEL));
+    let write = policy != RebootPolicy::None && !flags.no_sentinel;
+    (policy, write.then_some(sentinel))
+}
+
+const DEFAULT_KEYRING: &str = "/etc/abupdate/keys";
+
+fn json_line(value: &impl serde::Serialize) {
+    if let Ok(line) = serde_json::to_string(value) {
+        println!("{line}");
+    }
+}
+
+/// SIGINT/SIGTERM set the returned flag; the install and downloads poll it.
+fn cancel_flag() -> Result<Arc<AtomicBool>> {
     let cancel = Arc::new(AtomicBool::new(false));
-    // The first signal asks the pipeline to stop at the next chunk (target left unbootable);
-    // a second one exits at once, e.g. when the bundle source itself has stalled. Either way
-    // the target was invalidated before its first byte changed.
+    // The first signal asks the pipeline to stop at the next chunk (target left unbootable)
+    // and downloads to stop at their next wait; a second one exits at once, e.g. when the
+    // bundle source itself has stalled. Either way the target was invalidated before its
+    // first byte changed.
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(
             signal,
@@ -495,81 +690,527 @@ fn install_cmd(
         )?;
         signal_hook::flag::register(signal, Arc::clone(&cancel))?;
     }
-    options.sentinel = (!no_sentinel).then_some(sentinel);
-    let keyring = load_keyring(keyring)?;
-    let mut disk = open_disk_locked(args)?;
-    let source = abupdate::install::open_bundle_source(bundle)?;
-    let mut progress = Progress::new("writing", json);
-    let result = abupdate::install::install(
-        &mut disk,
-        source,
-        &keyring,
-        &options,
-        &cancel,
-        &mut |event| {
-            use abupdate::install::InstallEvent as E;
-            if json {
-                if let Ok(line) = serde_json::to_string(&event) {
-                    println!("{line}");
-                }
-                return;
-            }
-            match &event {
-                E::Verified {
-                    version,
-                    compatible,
-                    image_size,
-                    key_id,
-                } => {
-                    eprintln!("signature ok (key {key_id}): version {version}, compatible {compatible}, {image_size} bytes")
-                }
-                E::Plan {
-                    running,
-                    running_source,
-                    target,
-                } => {
-                    eprintln!("running slot {running} (from {running_source}); target {target}")
-                }
-                E::TargetInvalidated {
-                    target,
-                    path,
-                    direct_io,
-                } => eprintln!(
-                    "{target} marked unbootable; writing via {path}{}",
-                    if *direct_io { " (O_DIRECT)" } else { "" }
-                ),
-                E::Written { bytes, total } => progress.update(*bytes, *total),
-                E::ReadBack { bytes, total } => {
-                    if progress.label != "verifying" {
-                        progress.set_label("verifying");
-                    }
-                    progress.update(*bytes, *total)
-                }
-                E::ReadbackVerified { sha256 } => {
-                    progress.finish();
-                    eprintln!("read-back matches signed hash {sha256}");
-                }
-                E::Activated { slot, attributes } => eprintln!("{slot} boots next: {attributes}"),
-            }
-        },
-    );
-    progress.finish();
-    let report = result?;
+    Ok(cancel)
+}
+
+/// Download events: JSON lines on stdout with --json, else retries and resumes on stderr.
+fn fetch_sink(json: bool) -> EventSink {
+    Arc::new(move |event: &FetchEvent| {
+        if json {
+            json_line(event);
+        } else if !matches!(event, FetchEvent::FetchConnected { offset: 0, .. }) {
+            eprintln!("fetch: {event}");
+        }
+    })
+}
+
+fn show_install_event(event: abupdate::install::InstallEvent, json: bool, progress: &mut Progress) {
+    use abupdate::install::InstallEvent as E;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(&serde_json::json!({"event": "done", "report": report}))?
+        json_line(&event);
+        return;
+    }
+    match &event {
+        E::Verified {
+            version,
+            compatible,
+            image_size,
+            key_id,
+        } => {
+            eprintln!("signature ok (key {key_id}): version {version}, compatible {compatible}, {image_size} bytes")
+        }
+        E::Plan {
+            running,
+            running_source,
+            target,
+        } => eprintln!("running slot {running} (from {running_source}); target {target}"),
+        E::TargetInvalidated {
+            target,
+            path,
+            direct_io,
+        } => eprintln!(
+            "{target} marked unbootable; writing via {path}{}",
+            if *direct_io { " (O_DIRECT)" } else { "" }
+        ),
+        E::Written { bytes, total } => progress.update(*bytes, *total),
+        E::ReadBack { bytes, total } => {
+            if progress.label != "verifying" {
+                progress.set_label("verifying");
+            }
+            progress.update(*bytes, *total)
+        }
+        E::ReadbackVerified { sha256 } => {
+            progress.finish();
+            eprintln!("read-back matches signed hash {sha256}");
+        }
+        E::Activated { slot, attributes } => eprintln!("{slot} boots next: {attributes}"),
+    }
+}
+
+/// Runs the install pipeline with progress output.
+fn run_install(
+    disk: &mut AbDisk<FileDevice>,
+    source: Box<dyn Read + Send>,
+    keyring: &Keyring,
+    options: &InstallOptions,
+    cancel: &AtomicBool,
+    json: bool,
+) -> Result<InstallReport, abupdate::install::InstallError> {
+    let mut progress = Progress::new("writing", json);
+    let result = abupdate::install::install(disk, source, keyring, options, cancel, &mut |e| {
+        show_install_event(e, json, &mut progress)
+    });
+    progress.finish();
+    result
+}
+
+fn print_installed(report: &InstallReport, fetch: Option<FetchSummary>, json: bool) {
+    if json {
+        json_line(
+            &serde_json::json!({"event": "done", "action": "installed", "report": report, "fetch": fetch}),
         );
-    } else {
+        return;
+    }
+    println!(
+        "installed {} into {} ({} bytes in {:.2} s: write {:.2} s, flush + verify {:.2} s); reboot to try it",
+        report.version, report.target, report.image_size, report.total_seconds, report.write_seconds, report.verify_seconds
+    );
+    if let Some(f) = fetch {
         println!(
-            "installed {} into {} ({} bytes in {:.2} s: write {:.2} s, flush + verify {:.2} s); reboot to try it",
-            report.version, report.target, report.image_size, report.total_seconds, report.write_seconds, report.verify_seconds
+            "fetched {} bytes in {} requests: {} retries, {} responses ignored Range ({} bytes re-sent)",
+            f.bytes, f.requests, f.retries, f.range_ignored, f.discarded
         );
     }
-    if reboot {
+}
+
+fn reboot_now() -> Result<()> {
+    eprintln!("abupdate: rebooting");
+    let status = std::process::Command::new("reboot").status()?;
+    anyhow::ensure!(status.success(), "reboot failed: {status}");
+    Ok(())
+}
+
+fn open_url_source(
+    fetcher: &Fetcher,
+    url: &str,
+    expected: Expected,
+) -> Result<Box<dyn Read + Send>> {
+    let source = fetcher.open(url, 0, expected)?;
+    Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, source)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn install_cmd(
+    bundle: &Path,
+    args: &DiskArgs,
+    keyring: &Path,
+    mut options: InstallOptions,
+    policy: RebootPolicy,
+    sentinel: Option<PathBuf>,
+    fetch: FetchOptions,
+    json: bool,
+) -> Result<()> {
+    let cancel = cancel_flag()?;
+    options.sentinel = sentinel;
+    let keyring = load_keyring(keyring)?;
+    let mut disk = open_disk_locked(args)?;
+    let url = bundle.to_str().filter(|s| abupdate::http::is_url(s));
+    let (source, fetcher) = match url {
+        Some(url) => {
+            let fetcher = Fetcher::new(fetch)?
+                .with_events(fetch_sink(json))
+                .with_cancel(Arc::clone(&cancel));
+            (
+                open_url_source(&fetcher, url, Expected::default())?,
+                Some(fetcher),
+            )
+        }
+        None => (abupdate::install::open_bundle_source(bundle)?, None),
+    };
+    let report = run_install(&mut disk, source, &keyring, &options, &cancel, json)?;
+    print_installed(&report, fetcher.map(|f| f.stats()), json);
+    if policy == RebootPolicy::Now {
         drop(disk);
-        let status = std::process::Command::new("reboot").status()?;
-        anyhow::ensure!(status.success(), "reboot failed: {status}");
+        reboot_now()?;
+    }
+    Ok(())
+}
+
+// ---- check / update ----
+
+/// The node as `check` and `update` see it.
+struct Node {
+    running: usize,
+    other: usize,
+    attrs: Vec<abupdate::attrs::SlotAttributes>,
+    views: Vec<SlotView>,
+    device_compatible: String,
+}
+
+fn inspect_node(args: &DiskArgs, running: Option<&str>, compatible: Option<&str>) -> Result<Node> {
+    use abupdate::install::InstallError;
+    let mut disk = open_disk(args, false)?;
+    let slots = disk.slots()?;
+    let attrs: Vec<_> = slots.iter().map(|s| s.attrs).collect();
+    let running = match running {
+        Some(name) => disk.slot_index(&slots, name)?,
+        None => running::detect(&args.disk, disk.dev.is_block_device(), &slots)
+            .map(|(i, _)| i)
+            .or_else(|| abupdate::select::next_slot(&attrs))
+            .ok_or(InstallError::NoRunningSlot)?,
+    };
+    let other =
+        (0..slots.len())
+            .find(|&i| i != running)
+            .ok_or_else(|| InstallError::TargetIsRunning {
+                slot: slots[running].name.clone(),
+            })?;
+    let sector_size = disk.gpt.sector_size();
+    let records: Vec<_> = slots
+        .iter()
+        .map(|s| footer::read_record(&mut disk.dev, s, sector_size))
+        .collect();
+    let views = slots
+        .iter()
+        .zip(&records)
+        .map(|(s, r)| SlotView {
+            name: s.name.clone(),
+            attrs: s.attrs,
+            version: r.as_ref().map(|r| r.version.clone()),
+            sha256: r.as_ref().map(|r| r.image_sha256),
+        })
+        .collect();
+    let device_compatible = compatible
+        .map(String::from)
+        .or_else(|| records[running].as_ref().map(|r| r.compatible.clone()))
+        .ok_or_else(|| InstallError::CompatibleUnknown {
+            slot: slots[running].name.clone(),
+        })?;
+    Ok(Node {
+        running,
+        other,
+        attrs,
+        views,
+        device_compatible,
+    })
+}
+
+/// What `check` reports (and `update` emits as its `check` event).
+#[derive(serde::Serialize)]
+struct CheckReport {
+    verdict: Verdict,
+    update_available: bool,
+    message: String,
+    running_slot: String,
+    running_version: Option<String>,
+    device_compatible: String,
+    latest_version: String,
+    channel_compatible: String,
+    channel: String,
+    index_url: String,
+    key_id: String,
+    bundle_urls: Vec<String>,
+    size: u64,
+    sha256: String,
+    skipped_mirrors: Vec<serde_json::Value>,
+}
+
+impl CheckReport {
+    fn text(&self) -> String {
+        format!(
+            "{} runs {}; channel {} offers {} for {}: {}",
+            self.running_slot,
+            self.running_version
+                .as_deref()
+                .unwrap_or("an unknown version"),
+            self.index_url,
+            self.latest_version,
+            self.channel_compatible,
+            self.message
+        )
+    }
+}
+
+struct Checked {
+    node: Node,
+    found: Found,
+    report: CheckReport,
+    keyring: Keyring,
+}
+
+fn check_channel(
+    args: &DiskArgs,
+    flags: &ChannelFlags,
+    cfg: &Loaded,
+    fetcher: &Fetcher,
+    json_events: bool,
+) -> Result<Checked> {
+    let channels = if flags.channels.is_empty() {
+        cfg.config.channel.clone().unwrap_or_default()
+    } else {
+        flags.channels.clone()
+    };
+    let keyring = load_keyring(&keyring_path(flags.keyring.as_deref(), cfg))?;
+    let compatible = flags
+        .compatible
+        .clone()
+        .or_else(|| cfg.config.compatible.clone());
+    let node = inspect_node(args, flags.running.as_deref(), compatible.as_deref())?;
+    let found = abupdate::channel::fetch_index(fetcher, &channels, &keyring, &mut |url, err| {
+        if json_events {
+            json_line(
+                &serde_json::json!({"event": "channel-mirror-failed", "url": url, "error": err.to_string()}),
+            );
+        } else {
+            eprintln!("channel {url} skipped: {err}");
+        }
+    })?;
+    let running = &node.views[node.running];
+    let verdict = abupdate::channel::decide(
+        running,
+        &node.views[node.other],
+        &node.attrs,
+        node.other,
+        &node.device_compatible,
+        &found.index,
+    );
+    let report = CheckReport {
+        verdict,
+        update_available: verdict == Verdict::Available,
+        message: verdict.describe().to_string(),
+        running_slot: running.name.clone(),
+        running_version: running.version.clone(),
+        device_compatible: node.device_compatible.clone(),
+        latest_version: found.index.version.clone(),
+        channel_compatible: found.index.compatible.clone(),
+        channel: found.channel.clone(),
+        index_url: found.index_url.clone(),
+        key_id: found.key_id.to_string(),
+        bundle_urls: found.bundle_urls.clone(),
+        size: found.index.size,
+        sha256: found.index.sha256.clone(),
+        skipped_mirrors: found
+            .skipped
+            .iter()
+            .map(|(u, e)| serde_json::json!({"url": u, "error": e}))
+            .collect(),
+    };
+    Ok(Checked {
+        node,
+        found,
+        report,
+        keyring,
+    })
+}
+
+fn check_cmd(
+    args: &DiskArgs,
+    flags: &ChannelFlags,
+    cfg: &Loaded,
+    fetch: FetchOptions,
+    json: bool,
+) -> Result<()> {
+    // Events go to stderr: with --json, stdout is exactly one object.
+    let fetcher = Fetcher::new(fetch)?.with_events(fetch_sink(false));
+    let checked = check_channel(args, flags, cfg, &fetcher, false)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checked.report)?);
+    } else {
+        println!("{}", checked.report.text());
+    }
+    Ok(())
+}
+
+fn write_sentinel(path: &Path, slot: &str, version: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = path.with_extension("abupdate-tmp");
+    std::fs::write(
+        &tmp,
+        format!("abupdate: {version} installed in {slot}; reboot to boot it\n"),
+    )
+    .with_context(|| format!("writing the reboot sentinel {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("writing the reboot sentinel {}", path.display()))?;
+    Ok(())
+}
+
+/// Settings of `update` beyond the disk and channel.
+struct UpdateSettings {
+    strategy: Strategy,
+    cache_dir: PathBuf,
+    tries: u8,
+    policy: RebootPolicy,
+    sentinel: Option<PathBuf>,
+    fetch: FetchOptions,
+    json: bool,
+}
+
+fn update_cmd(
+    args: &DiskArgs,
+    flags: &ChannelFlags,
+    cfg: &Loaded,
+    s: UpdateSettings,
+) -> Result<()> {
+    let json = s.json;
+    let done = |action: &str, extra: serde_json::Value| {
+        if json {
+            let mut v = serde_json::json!({"event": "done", "action": action, "strategy": s.strategy.to_string()});
+            if let (Some(obj), serde_json::Value::Object(more)) = (v.as_object_mut(), extra) {
+                obj.extend(more);
+            }
+            json_line(&v);
+        }
+    };
+    let cancel = cancel_flag()?;
+    let fetcher = Fetcher::new(s.fetch.clone())?
+        .with_events(fetch_sink(json))
+        .with_cancel(Arc::clone(&cancel));
+    let Checked {
+        node,
+        found,
+        report,
+        keyring,
+    } = check_channel(args, flags, cfg, &fetcher, json)?;
+    if json {
+        json_line(&serde_json::json!({"event": "check", "report": &report}));
+    } else {
+        eprintln!("{}", report.text());
+    }
+    let index = &found.index;
+    let other = node.views[node.other].name.clone();
+    match report.verdict {
+        Verdict::Incompatible => {
+            return Err(abupdate::install::InstallError::Incompatible {
+                bundle: index.compatible.clone(),
+                device: node.device_compatible.clone(),
+            }
+            .into())
+        }
+        Verdict::UpToDate | Verdict::PreviouslyFailed | Verdict::RunningNotCommitted => {
+            if !json {
+                println!("nothing to do: {}", report.message);
+            }
+            done("none", serde_json::json!({"verdict": report.verdict}));
+            return Ok(());
+        }
+        Verdict::PendingReboot => {
+            if let Some(path) = &s.sentinel {
+                write_sentinel(path, &other, &index.version)?;
+            }
+            if !json {
+                println!(
+                    "{} already holds {} and boots next; reboot to try it",
+                    other, index.version
+                );
+            }
+            done(
+                "pending-reboot",
+                serde_json::json!({"verdict": report.verdict, "slot": other, "version": index.version}),
+            );
+            if s.policy == RebootPolicy::Now {
+                reboot_now()?;
+            }
+            return Ok(());
+        }
+        Verdict::Available => {}
+    }
+
+    if s.strategy == Strategy::DownloadOnly {
+        let mut progress = Progress::new("downloading", json);
+        let downloaded = abupdate::channel::download_to_cache(
+            &fetcher,
+            &found,
+            &keyring,
+            &s.cache_dir,
+            &mut |label, d, t| {
+                if progress.label != label {
+                    progress.set_label(label);
+                }
+                progress.update(d, t)
+            },
+            &mut |url, err| eprintln!("bundle {url} failed: {err}; trying the next mirror"),
+        )?;
+        progress.finish();
+        if !json {
+            println!(
+                "downloaded and verified {} into {}; install it with `abupdate update --strategy auto` or `abupdate install {}`",
+                index.version,
+                downloaded.path.display(),
+                downloaded.path.display()
+            );
+        }
+        done(
+            "downloaded",
+            serde_json::json!({"version": index.version, "download": downloaded, "fetch": fetcher.stats()}),
+        );
+        return Ok(());
+    }
+
+    // Auto: install, from the cache when a verified download is waiting there.
+    let options = InstallOptions {
+        tries: s.tries,
+        allow_downgrade: false,
+        compatible: Some(node.device_compatible.clone()),
+        running: Some(node.views[node.running].name.clone()),
+        sentinel: s.sentinel.clone(),
+        workers: 0,
+    };
+    let mut disk = open_disk_locked(args)?;
+    let installed = if let Some(path) = abupdate::channel::cached_bundle(&s.cache_dir, index) {
+        if !json {
+            eprintln!(
+                "installing {} from the download cache {}",
+                index.version,
+                path.display()
+            );
+        }
+        let header = abupdate::bundle::read_unverified_header(&mut std::io::BufReader::new(
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?,
+        ))?;
+        anyhow::ensure!(
+            hex::encode(header.image_sha256) == index.sha256,
+            "cached bundle {} is not the one the channel index names; delete it",
+            path.display()
+        );
+        let source = abupdate::install::open_bundle_source(&path)?;
+        let report = run_install(&mut disk, source, &keyring, &options, &cancel, json)?;
+        abupdate::channel::prune_cache(&s.cache_dir, None)?;
+        report
+    } else {
+        let mut result = None;
+        for (i, url) in found.bundle_urls.iter().enumerate() {
+            let attempt = open_url_source(&fetcher, url, index.expected()).and_then(|source| {
+                run_install(&mut disk, source, &keyring, &options, &cancel, json)
+                    .map_err(anyhow::Error::from)
+            });
+            match attempt {
+                Ok(r) => {
+                    result = Some(r);
+                    break;
+                }
+                Err(e) if i + 1 < found.bundle_urls.len() && classify(&e) == Exit::FetchFailed => {
+                    if json {
+                        json_line(
+                            &serde_json::json!({"event": "bundle-mirror-failed", "url": url, "error": one_line(&e)}),
+                        );
+                    } else {
+                        eprintln!(
+                            "bundle {url} failed: {}; trying the next mirror",
+                            one_line(&e)
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        result.expect("the loop returns or installs")
+    };
+    print_installed(&installed, Some(fetcher.stats()), json);
+    if s.policy == RebootPolicy::Now {
+        drop(disk);
+        reboot_now()?;
     }
     Ok(())
 }
@@ -682,6 +1323,23 @@ fn status(args: &DiskArgs, running_name: Option<&str>, json: bool) -> Result<()>
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Commands that work on the node read the configuration file; the boot hook only when it
+    // is named explicitly (a broken file must not stop a machine from booting); build-host
+    // commands never need it, but an explicitly named file is always checked.
+    let node_command = !matches!(
+        cli.command,
+        Command::Disk(_)
+            | Command::Keygen { .. }
+            | Command::Bundle(_)
+            | Command::Channel(_)
+            | Command::Boot { .. }
+    );
+    let cfg = if node_command || cli.config.is_some() {
+        abupdate::config::load(cli.config.as_deref())?
+    } else {
+        Loaded::default()
+    };
+    let cfg = &cfg;
     match cli.command {
         Command::Disk(DiskCommand::Init {
             file,
@@ -744,8 +1402,8 @@ fn run(cli: Cli) -> Result<()> {
             disk,
             running,
             json,
-        } => status(&disk, running.as_deref(), json),
-        Command::Boot { disk, format } => boot_hook(&disk, format),
+        } => status(&resolve_disk(&disk, cfg)?, running.as_deref(), json),
+        Command::Boot { disk, format } => boot_hook(&resolve_disk(&disk, cfg)?, format),
         Command::Keygen { out } => {
             let report = abupdate::bundle::cli_support::keygen(&out)?;
             println!(
@@ -765,30 +1423,107 @@ fn run(cli: Cli) -> Result<()> {
             compatible,
             allow_downgrade,
             running,
-            sentinel,
-            no_sentinel,
             reboot,
+            fetch,
             json,
         } => {
-            let options = abupdate::install::InstallOptions {
-                tries,
+            let c = &cfg.config;
+            let options = InstallOptions {
+                tries: tries.or(c.tries).unwrap_or(abupdate::select::DEFAULT_TRIES),
                 allow_downgrade,
-                compatible,
+                compatible: compatible.or_else(|| c.compatible.clone()),
                 running,
                 ..Default::default()
             };
+            let (policy, sentinel) = reboot_settings(&reboot, cfg);
             install_cmd(
                 &bundle,
-                &disk,
-                &keyring,
+                &resolve_disk(&disk, cfg)?,
+                &keyring_path(keyring.as_deref(), cfg),
                 options,
+                policy,
                 sentinel,
-                no_sentinel,
-                reboot,
+                fetch_options(&fetch, cfg),
                 json,
             )
         }
+        Command::Check {
+            disk,
+            channel,
+            fetch,
+            json,
+        } => check_cmd(
+            &resolve_disk(&disk, cfg)?,
+            &channel,
+            cfg,
+            fetch_options(&fetch, cfg),
+            json,
+        ),
+        Command::Update {
+            disk,
+            channel,
+            strategy,
+            cache_dir,
+            tries,
+            reboot,
+            fetch,
+            json,
+        } => {
+            let c = &cfg.config;
+            let strategy = strategy.or(c.strategy).unwrap_or_default();
+            if strategy == Strategy::Off {
+                // Nothing is opened or fetched: the disk need not even be configured.
+                if json {
+                    json_line(
+                        &serde_json::json!({"event": "done", "action": "none", "strategy": "off", "reason": "strategy off"}),
+                    );
+                } else {
+                    println!(
+                        "update strategy is off: this node is updated from outside; nothing done"
+                    );
+                }
+                return Ok(());
+            }
+            let (policy, sentinel) = reboot_settings(&reboot, cfg);
+            let settings = UpdateSettings {
+                strategy,
+                cache_dir: cache_dir
+                    .or_else(|| c.cache_dir.clone())
+                    .unwrap_or_else(|| PathBuf::from(abupdate::channel::DEFAULT_CACHE_DIR)),
+                tries: tries.or(c.tries).unwrap_or(abupdate::select::DEFAULT_TRIES),
+                policy,
+                sentinel,
+                fetch: fetch_options(&fetch, cfg),
+                json,
+            };
+            update_cmd(&resolve_disk(&disk, cfg)?, &channel, cfg, settings)
+        }
+        Command::Channel(ChannelCommand::Create {
+            bundle,
+            key,
+            bundle_url,
+            out,
+        }) => {
+            let secret = abupdate::bundle::keys::read_secret_key(&key)?;
+            let index = abupdate::channel::index_for_bundle(&bundle, bundle_url.as_deref())?;
+            let text = abupdate::channel::sign_index(&index, &secret);
+            let tmp = out.with_extension("abupdate-tmp");
+            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {}: version {}, compatible {}, bundle {} ({} bytes), image sha256 {}, signed by key {}",
+                out.display(),
+                index.version,
+                index.compatible,
+                index.bundle,
+                index.size,
+                index.sha256,
+                abupdate::bundle::KeyId::of(&secret.verifying_key())
+            );
+            Ok(())
+        }
         Command::MarkGood { disk, slot, json } => {
+            let disk = resolve_disk(&disk, cfg)?;
             let mut ab = open_disk_locked(&disk)?;
             let index = target_slot(&ab, &disk, slot.slot.as_deref())?;
             let change = abupdate::commit::mark_good(&mut ab, index)?;
@@ -800,12 +1535,14 @@ fn run(cli: Cli) -> Result<()> {
             force,
             json,
         } => {
+            let disk = resolve_disk(&disk, cfg)?;
             let mut ab = open_disk_locked(&disk)?;
             let index = target_slot(&ab, &disk, slot.slot.as_deref())?;
             let change = abupdate::commit::mark_bad(&mut ab, index, force)?;
             print_change(&change, "mark-bad", json)
         }
         Command::Rollback { disk, slot, json } => {
+            let disk = resolve_disk(&disk, cfg)?;
             let mut ab = open_disk_locked(&disk)?;
             let running = target_slot(&ab, &disk, slot.as_deref())?;
             let change = abupdate::commit::rollback(&mut ab, running)?;
@@ -830,7 +1567,20 @@ fn run(cli: Cli) -> Result<()> {
                         .map(String::from),
                 );
             }
-            commit_cmd(&disk, slot.slot.as_deref(), &checks, timeout, reboot, json)
+            if checks.is_empty() {
+                checks = cfg.config.health_checks.clone().unwrap_or_default();
+            }
+            let timeout = timeout
+                .or(cfg.config.health_timeout)
+                .unwrap_or(Duration::from_secs(60));
+            commit_cmd(
+                &resolve_disk(&disk, cfg)?,
+                slot.slot.as_deref(),
+                &checks,
+                timeout,
+                reboot,
+                json,
+            )
         }
         Command::SetAttributes {
             disk,
@@ -839,6 +1589,7 @@ fn run(cli: Cli) -> Result<()> {
             tries,
             successful,
         } => {
+            let disk = resolve_disk(&disk, cfg)?;
             let mut ab = open_disk_locked(&disk)?;
             let slots = ab.slots()?;
             let index = ab.slot_index(&slots, &slot)?;

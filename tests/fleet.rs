@@ -1,0 +1,1103 @@
+//! Fleet delivery end to end: `install URL`, `check`, `update` and `channel create` against a
+//! real HTTP server on loopback (a small one in this test binary, with fault modes: cut
+//! connections, wrong lengths, slow and stalled bytes, a tampered chunk, a bad index signature,
+//! redirects, a server that ignores Range, a CONNECT proxy). Every run either completes
+//! verified (slot content equals the image, cgpt shows the new slot P3 T3 S0) or fails with
+//! the documented exit code and the running slot untouched (same hash, still boots next).
+//! Also the configuration file: unknown keys, flags over the file, strategies off and
+//! download-only.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+// ---------------------------------------------------------------------------------------------
+// The test server.
+
+/// How the server misbehaves for one path.
+#[derive(Clone, Default)]
+struct Behavior {
+    /// Absolute byte offsets at which to cut the connection, one per response, in order.
+    cuts: VecDeque<u64>,
+    /// Added to the honest Content-Length; the body sent is the smaller of the two.
+    length_delta: i64,
+    /// Answer every request 200 with the whole file.
+    ignore_range: bool,
+    /// Send the body in pieces of this many bytes with this pause between them.
+    slow: Option<(usize, Duration)>,
+    /// Once: after this offset, go silent for this long (connection open), then close.
+    stall_once: Option<(u64, Duration)>,
+    /// On every response: after this offset, one byte every 50 ms.
+    drip_after: Option<u64>,
+    /// Answer with this status instead.
+    status: Option<u16>,
+}
+
+/// One request as the server saw it.
+#[derive(Clone, Debug)]
+struct Logged {
+    method: String,
+    path: String,
+    range_start: Option<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    files: HashMap<String, Vec<u8>>,
+    redirects: HashMap<String, (u16, String)>,
+    behavior: HashMap<String, Behavior>,
+    log: Vec<Logged>,
+}
+
+struct Server {
+    addr: String,
+    state: Arc<Mutex<State>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let state = Arc::new(Mutex::new(State::default()));
+        let st = Arc::clone(&state);
+        // The accept loop lives as long as the test process; every connection gets a thread.
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let st = Arc::clone(&st);
+                std::thread::spawn(move || handle(stream, &st));
+            }
+        });
+        Server { addr, state }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn put(&self, path: &str, data: Vec<u8>) {
+        self.state.lock().unwrap().files.insert(path.into(), data);
+    }
+
+    fn redirect(&self, from: &str, status: u16, to: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .redirects
+            .insert(from.into(), (status, to.into()));
+    }
+
+    fn behave(&self, path: &str, b: Behavior) {
+        self.state.lock().unwrap().behavior.insert(path.into(), b);
+    }
+
+    fn log(&self) -> Vec<Logged> {
+        self.state.lock().unwrap().log.clone()
+    }
+
+    fn requests_for(&self, path: &str) -> Vec<Logged> {
+        self.log().into_iter().filter(|l| l.path == path).collect()
+    }
+}
+
+fn read_request(
+    reader: &mut BufReader<TcpStream>,
+) -> Option<(String, String, HashMap<String, String>)> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let target = parts.next()?.to_string();
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    Some((method, target, headers))
+}
+
+fn handle(stream: TcpStream, st: &Mutex<State>) {
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let Some((mut method, mut target, mut headers)) = read_request(&mut reader) else {
+        return;
+    };
+    let mut out = stream;
+    if method == "CONNECT" {
+        // A forward proxy: tunnel to "the origin", which is this same server.
+        st.lock().unwrap().log.push(Logged {
+            method: method.clone(),
+            path: target.clone(),
+            range_start: None,
+        });
+        let _ = out.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+        let Some(next) = read_request(&mut reader) else {
+            return;
+        };
+        (method, target, headers) = next;
+    }
+    let path = match target.find("://") {
+        Some(i) => target[i + 3..]
+            .find('/')
+            .map_or("/".to_string(), |j| target[i + 3 + j..].to_string()),
+        None => target.clone(),
+    };
+    let range_start = headers
+        .get("range")
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|r| r.parse::<u64>().ok());
+    let (file, redirect, behavior) = {
+        let mut s = st.lock().unwrap();
+        s.log.push(Logged {
+            method,
+            path: path.clone(),
+            range_start,
+        });
+        let file = s.files.get(&path).cloned();
+        let redirect = s.redirects.get(&path).cloned();
+        // The stall happens once: the live behaviour forgets it now.
+        let live = s.behavior.entry(path.clone()).or_default();
+        let snapshot = live.clone();
+        live.stall_once = None;
+        (file, redirect, snapshot)
+    };
+    let mut b = behavior;
+    let respond = |out: &mut TcpStream, status: u16, extra: &str| {
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n{extra}\r\n"
+        );
+        let _ = out.shutdown(Shutdown::Both);
+    };
+    if let Some((status, to)) = redirect {
+        return respond(&mut out, status, &format!("Location: {to}\r\n"));
+    }
+    if let Some(status) = b.status {
+        return respond(&mut out, status, "");
+    }
+    let Some(data) = file else {
+        return respond(&mut out, 404, "");
+    };
+    let len = data.len() as u64;
+    let start = if b.ignore_range {
+        0
+    } else {
+        range_start.unwrap_or(0)
+    };
+    if start >= len {
+        return respond(&mut out, 416, &format!("Content-Range: bytes */{len}\r\n"));
+    }
+    let declared = ((len - start) as i64 + b.length_delta).max(0) as u64;
+    let send_end = len.min(start + declared);
+    let cut = {
+        let mut s = st.lock().unwrap();
+        let live = s.behavior.get_mut(&path).unwrap();
+        match live.cuts.front() {
+            Some(&c) if c > start && c < send_end => {
+                live.cuts.pop_front();
+                Some(c)
+            }
+            _ => None,
+        }
+    };
+    b.cuts.clear();
+    let end = cut.unwrap_or(send_end);
+    let status_line = if range_start.is_some() && !b.ignore_range {
+        format!(
+            "206 Partial Content\r\nContent-Range: bytes {start}-{}/{len}",
+            len - 1
+        )
+    } else {
+        "200 OK".to_string()
+    };
+    let head = format!(
+        "HTTP/1.1 {status_line}\r\nContent-Length: {declared}\r\nAccept-Ranges: bytes\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n"
+    );
+    if out.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let piece = b.slow.map_or(16 * 1024, |(n, _)| n);
+    let mut pos = start;
+    let started = Instant::now();
+    while pos < end {
+        if let Some(after) = b.drip_after {
+            if pos >= after {
+                if out
+                    .write_all(&data[pos as usize..pos as usize + 1])
+                    .is_err()
+                    || started.elapsed() > Duration::from_secs(20)
+                {
+                    return;
+                }
+                pos += 1;
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        }
+        let mut n = (end - pos).min(piece as u64);
+        if let Some(after) = b.drip_after {
+            if pos < after {
+                n = n.min(after - pos);
+            }
+        }
+        if let Some((at, _)) = b.stall_once {
+            if pos < at {
+                n = n.min(at - pos);
+            }
+        }
+        if out
+            .write_all(&data[pos as usize..(pos + n) as usize])
+            .is_err()
+        {
+            return;
+        }
+        pos += n;
+        if let Some((at, pause)) = b.stall_once {
+            if pos == at {
+                let _ = out.flush();
+                std::thread::sleep(pause);
+                b.stall_once = None;
+                let _ = out.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+        if let Some((_, pause)) = b.slow {
+            std::thread::sleep(pause);
+        }
+    }
+    let _ = out.flush();
+    let _ = out.shutdown(Shutdown::Both);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures.
+
+/// Runs abupdate with proxy variables removed (the host's must not interfere) plus `env`.
+fn abu_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    for var in [
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "ABUPDATE_CONFIG",
+        "ABUPDATE_DISK",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("run abupdate")
+}
+
+fn abu(args: &[&str]) -> Output {
+    abu_env(args, &[])
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn count_events(events: &[serde_json::Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["event"] == kind).count()
+}
+
+/// A node: a disk whose ROOT-A was seeded with v1.0 (a slot record, good, boots next) and a
+/// v2.0 bundle ready to serve.
+struct Node {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    disk: String,
+    running_hash: String,
+    running_attrs: (u8, u8, bool),
+    image: PathBuf,
+    bundle: Vec<u8>,
+    bundle_path: PathBuf,
+}
+
+fn node() -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let v1 = d.join("v1.img");
+    make_image(&v1, 2 * 1024 * 1024 + 777, 1);
+    let v1b = d.join("v1.abup");
+    make_bundle(&v1, "1.0", "test-board", &v1b);
+    let disk = d.join("disk.img").display().to_string();
+    abupdate_ok(&[
+        "disk",
+        "init",
+        &disk,
+        "--slot-size",
+        "8M",
+        "--seed",
+        v1b.to_str().unwrap(),
+        "--keyring",
+        test_pubkey().to_str().unwrap(),
+    ]);
+    // As a fleet image builder leaves it: ROOT-A good at the priority `disk init` gives it.
+    abupdate_ok(&[
+        "set-attributes",
+        "--disk",
+        &disk,
+        "--slot",
+        "ROOT-A",
+        "--priority",
+        "2",
+    ]);
+    let image = d.join("v2.img");
+    make_image(&image, 3 * 1024 * 1024 + 4321, 2);
+    let bundle_path = d.join("v2.abup");
+    make_bundle(&image, "2.0", "test-board", &bundle_path);
+    let (a_off, a_len) = partition_range(&disk, 1);
+    Node {
+        running_hash: sha256_range(Path::new(&disk), a_off, a_len),
+        running_attrs: cgpt_fields(&disk, 1),
+        bundle: std::fs::read(&bundle_path).unwrap(),
+        _dir: dir,
+        dir: d,
+        disk,
+        image,
+        bundle_path,
+    }
+}
+
+impl Node {
+    /// `abupdate install URL` with quick retry settings, JSON events.
+    fn install_url(&self, url: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let pubkey = test_pubkey();
+        let mut args = vec![
+            "install",
+            url,
+            "--disk",
+            &self.disk,
+            "--keyring",
+            pubkey.to_str().unwrap(),
+            "--no-sentinel",
+            "--retry-delay",
+            "20ms",
+            "--connect-timeout",
+            "2s",
+            "--json",
+        ];
+        if !extra.contains(&"--read-timeout") {
+            args.extend_from_slice(&["--read-timeout", "2s"]);
+        }
+        args.extend_from_slice(extra);
+        abu_env(&args, env)
+    }
+
+    fn assert_installed(&self) {
+        let (b_off, _) = partition_range(&self.disk, 2);
+        let len = std::fs::metadata(&self.image).unwrap().len();
+        assert_eq!(
+            sha256_range(Path::new(&self.disk), b_off, len),
+            sha256_file(&self.image),
+            "slot B content"
+        );
+        assert_eq!(cgpt_fields(&self.disk, 2), (3, 3, false));
+        assert_eq!(status_json(&self.disk, &[])["next_boot"], "ROOT-B");
+        assert_eq!(status_json(&self.disk, &[])["slots"][1]["version"], "2.0");
+        self.assert_running_intact(false);
+    }
+
+    /// The running slot's bytes, attributes and the GPT are as before; with `boots_next`, it
+    /// is still the slot that boots next (a failed install leaves ROOT-B unbootable).
+    fn assert_running_intact(&self, boots_next: bool) {
+        let (a_off, a_len) = partition_range(&self.disk, 1);
+        assert_eq!(
+            sha256_range(Path::new(&self.disk), a_off, a_len),
+            self.running_hash,
+            "running slot changed"
+        );
+        assert_eq!(cgpt_fields(&self.disk, 1), self.running_attrs);
+        assert!(self.running_attrs.2, "the running slot is committed");
+        assert_sgdisk_clean(&self.disk);
+        if boots_next {
+            let (p, _, _) = cgpt_fields(&self.disk, 2);
+            assert_eq!(p, 0, "ROOT-B must be unbootable");
+            assert_eq!(status_json(&self.disk, &[])["next_boot"], "ROOT-A");
+        }
+    }
+
+    fn assert_failed_cleanly(&self, out: &Output, code: i32) {
+        assert_eq!(out.status.code(), Some(code), "{}", text(out));
+        self.assert_running_intact(true);
+    }
+}
+
+fn done_event(out: &Output) -> serde_json::Value {
+    json_lines(out)
+        .into_iter()
+        .rev()
+        .find(|e| e["event"] == "done")
+        .unwrap_or_else(|| panic!("no done event: {}", text(out)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// install URL
+
+#[test]
+fn install_url_resumes_after_cut_connections() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    srv.put("/v2.abup", n.bundle.clone());
+    let cuts = [150_000u64, 600_000, 601_000, 1_200_000];
+    srv.behave(
+        "/v2.abup",
+        Behavior {
+            cuts: cuts.into_iter().collect(),
+            ..Default::default()
+        },
+    );
+    let out = n.install_url(&srv.url("/v2.abup"), &[], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    n.assert_installed();
+    let events = json_lines(&out);
+    assert_eq!(
+        count_events(&events, "fetch-retry"),
+        cuts.len(),
+        "{}",
+        text(&out)
+    );
+    let done = done_event(&out);
+    assert_eq!(done["fetch"]["retries"], cuts.len() as u64);
+    // Byte-level resume: each resumed request starts exactly where the cut was.
+    let starts: Vec<u64> = srv
+        .requests_for("/v2.abup")
+        .iter()
+        .filter_map(|l| l.range_start)
+        .collect();
+    assert_eq!(starts, cuts, "range starts");
+    eprintln!("cut 4 times: {} retries counted", done["fetch"]["retries"]);
+}
+
+#[test]
+fn too_many_cuts_fail_cleanly_with_exit_9() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    srv.put("/v2.abup", n.bundle.clone());
+    srv.behave(
+        "/v2.abup",
+        Behavior {
+            cuts: (1..=6).map(|i| i * 200_000).collect(),
+            ..Default::default()
+        },
+    );
+    let out = n.install_url(&srv.url("/v2.abup"), &["--retries", "2"], &[]);
+    n.assert_failed_cleanly(&out, 9);
+    assert_eq!(count_events(&json_lines(&out), "fetch-retry"), 2);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("giving up after 3 attempts"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn wrong_content_length_fails_cleanly() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    for (path, delta) in [("/short.abup", -1000i64), ("/long.abup", 1000)] {
+        srv.put(path, n.bundle.clone());
+        srv.behave(
+            path,
+            Behavior {
+                length_delta: delta,
+                ..Default::default()
+            },
+        );
+        let started = Instant::now();
+        let out = n.install_url(&srv.url(path), &[], &[]);
+        n.assert_failed_cleanly(&out, 9);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("the bundle header says"), "{}", text(&out));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}
+
+#[test]
+fn slow_but_steady_server_completes() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    srv.put("/v2.abup", n.bundle.clone());
+    srv.behave(
+        "/v2.abup",
+        Behavior {
+            slow: Some((8 * 1024, Duration::from_millis(4))),
+            ..Default::default()
+        },
+    );
+    let out = n.install_url(&srv.url("/v2.abup"), &["--read-timeout", "1s"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    n.assert_installed();
+    assert_eq!(done_event(&out)["fetch"]["retries"], 0);
+}
+
+#[test]
+fn stalled_connection_times_out_and_resumes() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    srv.put("/v2.abup", n.bundle.clone());
+    srv.behave(
+        "/v2.abup",
+        Behavior {
+            stall_once: Some((400_000, Duration::from_secs(6))),
+            ..Default::default()
+        },
+    );
+    let started = Instant::now();
+    let out = n.install_url(&srv.url("/v2.abup"), &["--read-timeout", "500ms"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    n.assert_installed();
+    assert_eq!(done_event(&out)["fetch"]["retries"], 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "waited for the stall"
+    );
+}
+
+#[test]
+fn dripping_server_fails_cleanly_in_bounded_time() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    srv.put("/v2.abup", n.bundle.clone());
+    srv.behave(
+        "/v2.abup",
+        Behavior {
+            drip_after: Some(100_000),
+            ..Default::default()
+        },
+    );
+    let started = Instant::now();
+    let out = n.install_url(
+        &srv.url("/v2.abup"),
+        &["--read-timeout", "400ms", "--retries", "1"],
+        &[],
+    );
+    n.assert_failed_cleanly(&out, 9);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("low-speed limit"),
+        "{}",
+        text(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+#[test]
+fn tampered_chunk_is_refused() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    let mut bad = n.bundle.clone();
+    let at = bad.len() - 300_000;
+    bad[at] ^= 0x55;
+    srv.put("/v2.abup", bad);
+    let out = n.install_url(&srv.url("/v2.abup"), &[], &[]);
+    n.assert_failed_cleanly(&out, 3);
+}
+
+#[test]
+fn redirects_are_followed_also_when_resuming() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    srv.put("/pool/v2.abup", n.bundle.clone());
+    srv.redirect("/latest.abup", 301, "/moved/v2.abup");
+    srv.redirect("/moved/v2.abup", 302, &srv.url("/pool/v2.abup"));
+    srv.behave(
+        "/pool/v2.abup",
+        Behavior {
+            cuts: [500_000u64].into_iter().collect(),
+            ..Default::default()
+        },
+    );
+    let out = n.install_url(&srv.url("/latest.abup"), &[], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    n.assert_installed();
+    // The resume went through both redirects again, keeping its Range header.
+    assert_eq!(srv.requests_for("/latest.abup").len(), 2);
+    let pool: Vec<_> = srv.requests_for("/pool/v2.abup");
+    assert_eq!(pool.len(), 2);
+    assert_eq!(pool[1].range_start, Some(500_000));
+
+    // A redirect loop ends cleanly.
+    srv.redirect("/loop-a", 302, "/loop-b");
+    srv.redirect("/loop-b", 302, "/loop-a");
+    let out = n.install_url(&srv.url("/loop-a"), &["--max-redirects", "4"], &[]);
+    assert_eq!(out.status.code(), Some(9), "{}", text(&out));
+}
+
+#[test]
+fn server_ignoring_range_restarts_and_discards() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    srv.put("/v2.abup", n.bundle.clone());
+    srv.behave(
+        "/v2.abup",
+        Behavior {
+            ignore_range: true,
+            cuts: [300_000u64, 900_000].into_iter().collect(),
+            ..Default::default()
+        },
+    );
+    let out = n.install_url(&srv.url("/v2.abup"), &[], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    n.assert_installed();
+    let done = done_event(&out);
+    assert_eq!(done["fetch"]["retries"], 2);
+    assert_eq!(done["fetch"]["range_ignored"], 2);
+    assert_eq!(done["fetch"]["discarded"], 300_000 + 900_000);
+    assert_eq!(count_events(&json_lines(&out), "fetch-range-ignored"), 2);
+}
+
+#[test]
+fn install_through_a_connect_proxy_from_the_environment() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    srv.put("/v2.abup", n.bundle.clone());
+    let proxy = srv.url("");
+    // The host name does not resolve: only the proxy can reach it.
+    let out = n.install_url(
+        "http://updates.example.invalid/v2.abup",
+        &[],
+        &[("HTTP_PROXY", &proxy)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    n.assert_installed();
+    let log = srv.log();
+    assert!(
+        log.iter()
+            .any(|l| l.method == "CONNECT" && l.path == "updates.example.invalid:80"),
+        "{log:?}"
+    );
+    // NO_PROXY keeps a host away from the proxy (and then it cannot be resolved).
+    let n2 = node();
+    let out = n2.install_url(
+        "http://updates.example.invalid/v2.abup",
+        &["--retries", "0"],
+        &[
+            ("HTTP_PROXY", &proxy),
+            ("NO_PROXY", "updates.example.invalid"),
+        ],
+    );
+    n2.assert_failed_cleanly(&out, 9);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channels: check, update, mirrors, the index signature.
+
+/// Publishes the v2 bundle with a signed index at `/stable/index.json` (bundle URL relative).
+fn publish(srv: &Server, n: &Node) {
+    let index = n.dir.join("index.json");
+    abupdate_ok(&[
+        "channel",
+        "create",
+        "--bundle",
+        n.bundle_path.to_str().unwrap(),
+        "--key",
+        test_key().to_str().unwrap(),
+        "--out",
+        index.to_str().unwrap(),
+    ]);
+    srv.put("/stable/index.json", std::fs::read(&index).unwrap());
+    srv.put("/stable/v2.abup", n.bundle.clone());
+}
+
+/// An index whose signed text was changed after signing (version bumped).
+fn forged_index(srv: &Server) -> Vec<u8> {
+    let good = srv.state.lock().unwrap().files["/stable/index.json"].clone();
+    String::from_utf8(good)
+        .unwrap()
+        .replace("\\\"version\\\":\\\"2.0\\\"", "\\\"version\\\":\\\"9.0\\\"")
+        .into_bytes()
+}
+
+fn channel_args<'a>(n: &'a Node, pubkey: &'a str, urls: &'a [String]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--disk",
+        n.disk.as_str(),
+        "--keyring",
+        pubkey,
+        "--retry-delay",
+        "10ms",
+    ];
+    for u in urls {
+        args.push("--channel");
+        args.push(u);
+    }
+    args
+}
+
+#[test]
+fn check_and_update_with_mirrors() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    publish(&srv, &n);
+    let forged = forged_index(&srv);
+    srv.put("/bad/index.json", forged);
+    srv.behave(
+        "/down/index.json",
+        Behavior {
+            status: Some(503),
+            ..Default::default()
+        },
+    );
+    let pubkey = test_pubkey().display().to_string();
+    let mirrors = vec![
+        srv.url("/down/index.json"),
+        srv.url("/bad/index.json"),
+        srv.url("/stable/index.json"),
+    ];
+    let base = channel_args(&n, &pubkey, &mirrors);
+
+    // check: the third mirror answers; the first two are reported as skipped.
+    let mut args = vec!["check", "--json"];
+    args.extend_from_slice(&base);
+    let out = abu(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verdict"], "available");
+    assert_eq!(report["update_available"], true);
+    assert_eq!(report["running_version"], "1.0");
+    assert_eq!(report["latest_version"], "2.0");
+    assert_eq!(report["bundle_urls"][0], srv.url("/stable/v2.abup"));
+    assert_eq!(report["skipped_mirrors"].as_array().unwrap().len(), 2);
+    let skipped = report["skipped_mirrors"].to_string();
+    assert!(
+        skipped.contains("503") && skipped.contains("bad signature"),
+        "{skipped}"
+    );
+    assert!(
+        srv.requests_for("/stable/v2.abup").is_empty(),
+        "check downloads nothing"
+    );
+
+    // update: installs, writes the sentinel, leaves the reboot to the coordinator.
+    let sentinel = n.dir.join("run/reboot-required");
+    // On a disk image the running slot cannot be detected from the kernel command line, so
+    // it is named, as on a node whose boot loader does not pass it.
+    let mut args = vec![
+        "update",
+        "--json",
+        "--running",
+        "ROOT-A",
+        "--sentinel",
+        sentinel.to_str().unwrap(),
+    ];
+    args.extend_from_slice(&base);
+    let out = abu(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    n.assert_installed();
+    assert_eq!(done_event(&out)["action"], "installed");
+    assert!(std::fs::read_to_string(&sentinel).unwrap().contains("2.0"));
+    assert_eq!(srv.requests_for("/stable/v2.abup").len(), 1);
+
+    // Again before the reboot: nothing is downloaded, the sentinel is asserted again.
+    std::fs::remove_file(&sentinel).unwrap();
+    let out = abu(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(done_event(&out)["action"], "pending-reboot");
+    assert!(sentinel.exists());
+    assert_eq!(srv.requests_for("/stable/v2.abup").len(), 1);
+
+    // The trial failed (slot marked bad): not installed again automatically.
+    abupdate_ok(&["mark-bad", "--disk", &n.disk, "--slot", "ROOT-B"]);
+    let out = abu(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    let done = done_event(&out);
+    assert_eq!(done["verdict"], "previously-failed");
+    assert_eq!(srv.requests_for("/stable/v2.abup").len(), 1);
+}
+
+#[test]
+fn index_with_bad_signature_is_refused() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    publish(&srv, &n);
+    srv.put("/stable/index.json", forged_index(&srv));
+    let pubkey = test_pubkey().display().to_string();
+    let urls = vec![srv.url("/stable/index.json")];
+    for cmd in ["check", "update"] {
+        let mut args = vec![cmd];
+        args.extend_from_slice(&channel_args(&n, &pubkey, &urls));
+        let out = abu(&args);
+        n.assert_failed_cleanly(&out, 3);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("bad signature"),
+            "{}",
+            text(&out)
+        );
+    }
+    assert!(srv.requests_for("/stable/v2.abup").is_empty());
+    // Unreachable channel: exit 9.
+    let urls = vec!["http://127.0.0.1:9/index.json".to_string()];
+    let mut args = vec!["check", "--retries", "0"];
+    args.extend_from_slice(&channel_args(&n, &pubkey, &urls));
+    let out = abu(&args);
+    assert_eq!(out.status.code(), Some(9), "{}", text(&out));
+}
+
+#[test]
+fn update_with_a_bundle_unlike_its_index_is_refused() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    publish(&srv, &n);
+    // The mirror serves another validly signed bundle of the same length under the indexed
+    // name (the same image labelled 2.1).
+    let other_b = n.dir.join("v2.1.abup");
+    make_bundle(&n.image, "2.1", "test-board", &other_b);
+    let data = std::fs::read(&other_b).unwrap();
+    assert_eq!(
+        data.len(),
+        n.bundle.len(),
+        "same length, so only the version differs"
+    );
+    srv.put("/stable/v2.abup", data);
+    let pubkey = test_pubkey().display().to_string();
+    let urls = vec![srv.url("/stable/index.json")];
+    let mut args = vec!["update", "--no-sentinel"];
+    args.extend_from_slice(&channel_args(&n, &pubkey, &urls));
+    let out = abu(&args);
+    n.assert_failed_cleanly(&out, 3);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bundle version is 2.1"),
+        "{}",
+        text(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration file.
+
+fn write_config(n: &Node, body: &str) -> PathBuf {
+    let path = n.dir.join("abupdate.toml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+#[test]
+fn config_unknown_key_and_missing_file_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("abupdate.toml");
+    std::fs::write(
+        &path,
+        "disk = \"/dev/null\"\nstrategy = \"auto\"\nretires = 3\n",
+    )
+    .unwrap();
+    let out = abu(&["status", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("retires") && err.contains(path.to_str().unwrap()) && err.contains("line 3"),
+        "{err}"
+    );
+    // Through the environment variable too, and a missing named file is an error.
+    let missing = dir.path().join("missing.toml");
+    let out = abu_env(
+        &["status"],
+        &[("ABUPDATE_CONFIG", missing.to_str().unwrap())],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    // No disk anywhere: a usage error that says where to set it.
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let out = abu(&["status", "--config", empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--disk"));
+}
+
+#[test]
+fn config_settings_and_flag_overrides() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    publish(&srv, &n);
+    srv.put("/bad/index.json", forged_index(&srv));
+    let sentinel = n.dir.join("reboot-required");
+    // The file points at a channel with a bad signature and asks for 5 tries.
+    let cfg = write_config(
+        &n,
+        &format!(
+            "disk = \"{}\"\nkeyring = \"{}\"\ncompatible = \"test-board\"\nchannel = [\"{}\"]\ntries = 5\nsentinel = \"{}\"\n\n[fetch]\nretries = 1\nretry-delay = \"10ms\"\n",
+            n.disk,
+            test_pubkey().display(),
+            srv.url("/bad/index.json"),
+            sentinel.display()
+        ),
+    );
+    let c = cfg.to_str().unwrap();
+    // From the file alone: the bad channel is refused.
+    let out = abu(&["check", "--config", c]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    // --channel overrides the file's channel, --tries its tries; disk, keyring and sentinel
+    // still come from the file.
+    let good = srv.url("/stable/index.json");
+    let out = abu(&["update", "--config", c, "--channel", &good, "--tries", "2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(cgpt_fields(&n.disk, 2), (3, 2, false));
+    assert!(sentinel.exists());
+    // The file's tries apply without the flag (install from a file, same settings path).
+    let n2 = node();
+    let cfg2 = write_config(
+        &n2,
+        &format!(
+            "disk = \"{}\"\nkeyring = \"{}\"\ntries = 5\nreboot = \"none\"\n",
+            n2.disk,
+            test_pubkey().display()
+        ),
+    );
+    let out = abu(&[
+        "install",
+        n2.bundle_path.to_str().unwrap(),
+        "--config",
+        cfg2.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(cgpt_fields(&n2.disk, 2), (3, 5, false));
+}
+
+#[test]
+fn strategy_off_and_download_only() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    publish(&srv, &n);
+    let cache = n.dir.join("cache");
+    let cfg = write_config(
+        &n,
+        &format!(
+            "disk = \"{}\"\nkeyring = \"{}\"\nchannel = [\"{}\"]\nstrategy = \"off\"\ncache-dir = \"{}\"\nreboot = \"none\"\n",
+            n.disk,
+            test_pubkey().display(),
+            srv.url("/stable/index.json"),
+            cache.display()
+        ),
+    );
+    let c = cfg.to_str().unwrap();
+
+    // off: says so, exit 0, nothing fetched or written.
+    let out = abu(&["update", "--config", c]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("strategy is off"));
+    assert!(srv.log().is_empty(), "{:?}", srv.log());
+    n.assert_running_intact(true);
+
+    // download-only, resuming a partial download an earlier run left behind.
+    std::fs::create_dir_all(&cache).unwrap();
+    let sha = sha256_file(&n.image);
+    std::fs::write(
+        cache.join(format!("{sha}.abup.partial")),
+        &n.bundle[..500_000],
+    )
+    .unwrap();
+    std::fs::write(cache.join("stale.abup"), b"old").unwrap();
+    let out = abu(&[
+        "update",
+        "--config",
+        c,
+        "--strategy",
+        "download-only",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let done = done_event(&out);
+    assert_eq!(done["action"], "downloaded");
+    assert_eq!(done["download"]["resumed_from"], 500_000);
+    let cached = cache.join(format!("{sha}.abup"));
+    assert_eq!(std::fs::read(&cached).unwrap(), n.bundle);
+    assert!(!cache.join("stale.abup").exists());
+    let gets = srv.requests_for("/stable/v2.abup");
+    assert_eq!(gets.len(), 1);
+    assert_eq!(gets[0].range_start, Some(500_000));
+    n.assert_running_intact(true);
+
+    // Again: already downloaded, nothing fetched.
+    let out = abu(&["update", "--config", c, "--strategy", "download-only"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(srv.requests_for("/stable/v2.abup").len(), 1);
+
+    // auto installs from the cache without downloading, then empties it.
+    let out = abu(&["update", "--config", c, "--strategy", "auto"]);
+    assert!(out.status.success(), "{}", text(&out));
+    n.assert_installed();
+    assert_eq!(srv.requests_for("/stable/v2.abup").len(), 1);
+    assert!(!cached.exists());
+}
