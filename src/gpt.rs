@@ -160,6 +160,14 @@ pub enum GptError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A copy cannot be written where the table says it lives; nothing was written.
+    #[error("cannot write the {copy} GPT copy: {reason}; nothing written")]
+    NoRoomForCopy {
+        /// The copy.
+        copy: Which,
+        /// What is wrong.
+        reason: String,
+    },
     /// An entry index past the array.
     #[error("partition entry index {index} is outside the {count}-entry array")]
     NoSuchEntry {
@@ -564,8 +572,52 @@ impl Gpt {
     fn backup_header_lba(&self) -> u64 {
         match (&self.backup, &self.primary) {
             (Ok(b), _) => b.header.my_lba(),
-            (Err(_), Ok(p)) => p.header.alternate_lba(),
+            (Err(_), Ok(p)) if (2..self.disk_sectors).contains(&p.header.alternate_lba()) => {
+                p.header.alternate_lba()
+            }
             _ => self.disk_sectors - 1,
+        }
+    }
+
+    /// Checks, before anything is written, that copy `which` can be written where its header
+    /// would put it: inside the disk, clear of the partitions' usable range and of the other
+    /// copy. A table whose geometry does not allow it (found by fuzzing: a valid primary whose
+    /// backup location lies past a truncated disk) is refused instead of half-written.
+    fn check_copy_location(&self, which: Which) -> Result<(), GptError> {
+        let current = &self.current().entries;
+        let header = self.header_for(which, current);
+        let array_sectors = header
+            .entry_array_bytes()
+            .div_ceil(u64::from(self.sector_size));
+        let start = header.entries_lba();
+        let end = start.saturating_add(array_sectors);
+        let my = header.my_lba();
+        let usable = header.first_usable_lba()..=header.last_usable_lba();
+        let overlaps_usable = |a: u64, b: u64| a <= *usable.end() && b > *usable.start();
+        let reason = if my == 0 || my >= self.disk_sectors {
+            Some(format!(
+                "header LBA {my} is outside the {}-sector disk",
+                self.disk_sectors
+            ))
+        } else if start < 2 || end > self.disk_sectors || (start..end).contains(&my) {
+            Some(format!(
+                "entry array LBA {start}..{end} does not fit the disk"
+            ))
+        } else if overlaps_usable(start, end) || usable.contains(&my) {
+            Some(format!(
+                "LBA {start}..{end} and {my} overlap the partitions' usable range {}..={}",
+                usable.start(),
+                usable.end()
+            ))
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(GptError::NoRoomForCopy {
+                copy: which,
+                reason,
+            }),
+            None => Ok(()),
         }
     }
 
@@ -725,6 +777,7 @@ impl Gpt {
             Which::Primary => Which::Backup,
             Which::Backup => Which::Primary,
         };
+        self.check_copy_location(damaged)?;
         let written = self.write_copy(dev, damaged, &entries)?;
         let repaired = Copy {
             header: self.header_for(damaged, &entries),
@@ -744,6 +797,8 @@ impl Gpt {
         dev: &mut D,
         entries: Vec<u8>,
     ) -> Result<u64, GptError> {
+        self.check_copy_location(Which::Primary)?;
+        self.check_copy_location(Which::Backup)?;
         let mut written = 0;
         let old = self.current().entries.clone();
         if self.primary.is_ok() && !self.backup_matches_current() {
