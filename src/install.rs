@@ -711,7 +711,7 @@ fn verify_regions(
 }
 
 /// Writes the reboot-required sentinel atomically (temp file + rename).
-fn write_sentinel(path: &Path, slot: &str, version: &str) -> io::Result<()> {
+pub fn write_sentinel(path: &Path, slot: &str, version: &str) -> io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }

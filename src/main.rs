@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use abupdate::blockdev::FileDevice;
+use abupdate::bundle::cli_support::parse_size;
 use abupdate::bundle::Keyring;
 use abupdate::channel::{Found, SlotView, Verdict};
 use abupdate::config::{parse_duration, Loaded, RebootPolicy, Strategy};
@@ -418,28 +419,6 @@ enum DiskCommand {
         #[arg(long)]
         keyring: Option<PathBuf>,
     },
-}
-
-/// Parses `123`, `4K`, `64M`, `1G`, `2T` (binary units; a trailing `iB` or `B` is accepted).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn open_disk(args: &DiskArgs, writable: bool) -> Result<AbDisk<FileDevice>> {
@@ -1022,18 +1001,8 @@ fn check_cmd(
 }
 
 fn write_sentinel(path: &Path, slot: &str, version: &str) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let tmp = path.with_extension("abupdate-tmp");
-    std::fs::write(
-        &tmp,
-        format!("abupdate: {version} installed in {slot}; reboot to boot it\n"),
-    )
-    .with_context(|| format!("writing the reboot sentinel {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("writing the reboot sentinel {}", path.display()))?;
-    Ok(())
+    abupdate::install::write_sentinel(path, slot, version)
+        .with_context(|| format!("writing the reboot sentinel {}", path.display()))
 }
 
 /// Settings of `update` beyond the disk and channel.

@@ -241,7 +241,7 @@ pub fn verify(
 }
 
 /// Parses a size such as `4M`, `4MiB`, `65536`, `64k` (binary multiples:
-/// k/K = 1024). For `--chunk-size`.
+/// k/K = 1024; K, M, G, T). For `--chunk-size`, `--slot-size`, `--disk-size`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -254,6 +254,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kib" | "kb" => 1 << 10,
         "m" | "mib" | "mb" => 1 << 20,
         "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
         other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
     };
     n.checked_mul(mult)
