@@ -301,27 +301,21 @@ pub fn install<D: SlotBacking, R: Read + Send>(
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
 
     // 1. Running and target slots.
-    let detected = disk
-        .dev
-        .location()
-        .and_then(|(path, is_block)| running::detect(path, is_block, &slots));
     let (running, source) = match &options.running {
         Some(name) => (disk.slot_index(&slots, name)?, RunningSource::Explicit),
-        None => match detected {
+        None => match disk
+            .dev
+            .location()
+            .and_then(|(path, is_block)| running::detect(path, is_block, &slots))
+        {
             Some(found) => found,
             None => (
                 select::next_slot(&attrs).ok_or(InstallError::NoRunningSlot)?,
-                RunningSource::Explicit,
+                RunningSource::NextBoot,
             ),
         },
     };
-    let source_text = match (&options.running, source) {
-        (None, RunningSource::Explicit) => "next-boot".to_string(),
-        (_, s) => serde_json::to_value(s)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default(),
-    };
+    let source_text = source.as_str().to_string();
     let target =
         (0..slots.len())
             .find(|&i| i != running)

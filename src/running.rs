@@ -24,6 +24,22 @@ pub enum RunningSource {
     MarkerFile,
     /// The root filesystem's device is this slot's partition.
     RootDevice,
+    /// Not the live disk (an image being prepared): the slot that would boot next.
+    NextBoot,
+}
+
+impl RunningSource {
+    /// The kebab-case name used in JSON and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunningSource::Explicit => "explicit",
+            RunningSource::KernelPartuuid => "kernel-partuuid",
+            RunningSource::KernelSlotName => "kernel-slot-name",
+            RunningSource::MarkerFile => "marker-file",
+            RunningSource::RootDevice => "root-device",
+            RunningSource::NextBoot => "next-boot",
+        }
+    }
 }
 
 /// Default path of the marker file the initramfs hook writes into the new root's `/run`.
