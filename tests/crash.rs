@@ -73,6 +73,27 @@ fn slot_ranges(dev: &MemDevice) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// Installs `bundle` (compatible "crash", no sentinel) onto an in-process disk.
+fn install_bundle<D: abupdate::slotio::SlotBacking>(
+    disk: &mut AbDisk<D>,
+    bundle: &Path,
+    keyring: &Keyring,
+) -> Result<abupdate::install::InstallReport, abupdate::install::InstallError> {
+    let options = InstallOptions {
+        compatible: Some("crash".into()),
+        sentinel: None,
+        ..Default::default()
+    };
+    install(
+        disk,
+        Cursor::new(std::fs::read(bundle).unwrap()),
+        keyring,
+        &options,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+}
+
 fn sha(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
@@ -231,20 +252,7 @@ fn power_cut_at_every_write_of_an_install() {
 
     let rec = RecordingDevice::new(base.clone());
     let mut disk = AbDisk::open(rec, "recording", &labels()).unwrap();
-    let options = InstallOptions {
-        compatible: Some("crash".into()),
-        sentinel: None,
-        ..Default::default()
-    };
-    let report = install(
-        &mut disk,
-        Cursor::new(std::fs::read(&bundle).unwrap()),
-        &keyring,
-        &options,
-        &AtomicBool::new(false),
-        &mut |_| {},
-    )
-    .unwrap();
+    let report = install_bundle(&mut disk, &bundle, &keyring).unwrap();
     assert_eq!(report.target, "ROOT-B");
     let ops = disk.dev.log.clone();
     let writes = ops
@@ -450,20 +458,7 @@ fn a_disk_that_corrupts_writes_is_caught_by_the_read_back() {
         corrupt_at: ranges[1].0 as u64 + 150 * 1024,
     };
     let mut disk = AbDisk::open(lying, "lying", &labels()).unwrap();
-    let options = InstallOptions {
-        compatible: Some("crash".into()),
-        sentinel: None,
-        ..Default::default()
-    };
-    let err = install(
-        &mut disk,
-        Cursor::new(std::fs::read(&bundle).unwrap()),
-        &keyring,
-        &options,
-        &AtomicBool::new(false),
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = install_bundle(&mut disk, &bundle, &keyring).unwrap_err();
     assert!(
         matches!(
             err,
