@@ -133,22 +133,14 @@ impl<D: BlockDevice + Send> SlotIo for DeviceSlot<'_, D> {
     }
 }
 
-impl SlotBacking for MemDevice {
-    fn open_slot(
-        &mut self,
-        _slot: &str,
-        _partition: u32,
-        offset: u64,
-        len: u64,
-    ) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
-        Ok(Box::new(DeviceSlot::new(self, offset, len)))
-    }
-    fn location(&self) -> Option<(&Path, bool)> {
-        None
-    }
-}
+/// A device that lives in this process (memory, or a recording layer over one), so a slot is
+/// simply a byte range of it: there is no partition node to open.
+pub trait InProcessDevice: BlockDevice + Send {}
 
-impl<D: BlockDevice + Send> SlotBacking for RecordingDevice<D> {
+impl InProcessDevice for MemDevice {}
+impl<D: BlockDevice + Send> InProcessDevice for RecordingDevice<D> {}
+
+impl<D: InProcessDevice> SlotBacking for D {
     fn open_slot(
         &mut self,
         _slot: &str,

@@ -5,9 +5,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -435,17 +434,7 @@ fn a_lock_held_by_another_process_is_named() {
         .args([f.disk.as_str(), "sleep", "30"])
         .spawn()
         .unwrap();
-    // Wait until the lock is taken.
-    for _ in 0..100 {
-        if std::fs::read_to_string("/proc/locks")
-            .unwrap()
-            .contains("FLOCK")
-        {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    wait_for_flock(&mut holder);
     for args in [
         vec!["boot", "--disk", f.disk.as_str()],
         vec![
@@ -489,40 +478,19 @@ fn install_and_commit_do_not_interleave() {
     }
     let f = fixture();
     let bundle = std::fs::read(&f.bundle).unwrap();
-    let k = test_pubkey();
-    let mut install = Command::new(bin())
-        .args([
-            "install",
-            "-",
-            "--disk",
-            &f.disk,
-            "--keyring",
-            k.to_str().unwrap(),
-            "--compatible",
-            "test-board",
-            "--no-sentinel",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = install.stdin.take().unwrap();
-    stdin.write_all(&bundle[..bundle.len() / 2]).unwrap();
-    stdin.flush().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let half = bundle.len() / 2;
+    let mut install = PipedInstall::start(&f.disk, &bundle, half);
+    install.wait_for_lock();
     let out = abupdate(&[
         "commit", "--disk", &f.disk, "--slot", "A", "--check", "true",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{stderr}");
     assert!(
-        stderr.contains(&format!("held by pid {}", install.id())),
+        stderr.contains(&format!("held by pid {}", install.child.id())),
         "{stderr}"
     );
-    stdin.write_all(&bundle[bundle.len() / 2..]).unwrap();
-    drop(stdin);
-    let result = install.wait_with_output().unwrap();
+    let result = install.finish(&bundle, half);
     assert!(
         result.status.success(),
         "{}",

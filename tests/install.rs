@@ -361,7 +361,6 @@ fn installs_on_a_loop_device_through_the_partition_node() {
 /// SIGTERM mid-install: exit 130, the target left unbootable, the running slot untouched.
 #[test]
 fn sigterm_stops_cleanly_and_leaves_the_target_unbootable() {
-    use std::io::Write;
     if !have_gpt_tools() {
         return;
     }
@@ -376,28 +375,10 @@ fn sigterm_stops_cleanly_and_leaves_the_target_unbootable() {
         &["add", "-i", "2", "-P", "1", "-T", "0", "-S", "1", &s.disk],
     );
     let bytes = std::fs::read(&bundle).unwrap();
-    let mut child = Command::new(bin())
-        .args([
-            "install",
-            "-",
-            "--disk",
-            &s.disk,
-            "--keyring",
-            test_pubkey().to_str().unwrap(),
-            "--compatible",
-            "test-board",
-            "--no-sentinel",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(&bytes[..bytes.len() / 3]).unwrap();
-    stdin.flush().unwrap();
+    let third = bytes.len() / 3;
+    let install = PipedInstall::start(&s.disk, &bytes, third);
     // Wait until the target has been invalidated, then signal.
-    for _ in 0..200 {
+    for _ in 0..500 {
         if cgpt_fields(&s.disk, 2) == (0, 0, false) {
             break;
         }
@@ -408,11 +389,9 @@ fn sigterm_stops_cleanly_and_leaves_the_target_unbootable() {
         (0, 0, false),
         "target not invalidated before writing"
     );
-    tool_ok("kill", &["-TERM", &child.id().to_string()]);
+    tool_ok("kill", &["-TERM", &install.child.id().to_string()]);
     // More data lets the pipeline reach its next chunk, where it sees the request to stop.
-    let _ = stdin.write_all(&bytes[bytes.len() / 3..]);
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
+    let out = install.finish(&bytes, third);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(

@@ -278,3 +278,76 @@ pub fn partition_range(disk: &str, n: u32) -> (u64, u64) {
     let last = num("Last sector");
     (first * 512, (last - first + 1) * 512)
 }
+
+/// An `abupdate install -` fed from a pipe the test controls, so it can be held mid-stream.
+pub struct PipedInstall {
+    /// The running install.
+    pub child: std::process::Child,
+    /// Its standard input: the bundle bytes not yet sent.
+    pub stdin: std::process::ChildStdin,
+}
+
+impl PipedInstall {
+    /// Starts `abupdate install - --disk DISK` with the test key, compatible `test-board` and
+    /// no sentinel, then sends the first `sent` bytes of `bundle`.
+    pub fn start(disk: &str, bundle: &[u8], sent: usize) -> PipedInstall {
+        use std::io::Write;
+        let mut child = Command::new(bin())
+            .args([
+                "install",
+                "-",
+                "--disk",
+                disk,
+                "--keyring",
+                test_pubkey().to_str().unwrap(),
+                "--compatible",
+                "test-board",
+                "--no-sentinel",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&bundle[..sent]).unwrap();
+        stdin.flush().unwrap();
+        PipedInstall { child, stdin }
+    }
+
+    /// Waits until the install holds the disk lock.
+    pub fn wait_for_lock(&mut self) {
+        wait_for_flock(&mut self.child);
+    }
+
+    /// Sends the rest of the bundle (from byte `from`; errors ignored, since the install may
+    /// already have stopped reading), closes stdin and waits for the exit.
+    pub fn finish(mut self, bundle: &[u8], from: usize) -> Output {
+        use std::io::Write;
+        let _ = self.stdin.write_all(&bundle[from..]);
+        drop(self.stdin);
+        self.child.wait_with_output().unwrap()
+    }
+}
+
+/// Waits (up to 20 s) until `child` holds a flock, as /proc/locks shows it. Sleeping a fixed
+/// time instead would race with a slow machine; matching any FLOCK line would match another
+/// test's lock.
+pub fn wait_for_flock(child: &mut std::process::Child) {
+    let pid = child.id().to_string();
+    for _ in 0..1000 {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        // Lines read "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF".
+        if locks.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"FLOCK") && f.get(4) == Some(&pid.as_str())
+        }) {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("pid {pid} exited ({status}) before taking its lock");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("pid {pid} never took its lock");
+}
