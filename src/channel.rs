@@ -84,6 +84,20 @@ pub enum ChannelError {
         /// What is wrong.
         reason: String,
     },
+    /// The index is past its signed expiry time.
+    #[error(
+        "channel index {url} expired at {} (this node's clock says {}): the channel has not been re-signed, or the mirror serves a stale copy",
+        rfc3339(*.expired_at),
+        rfc3339(*.now)
+    )]
+    Expired {
+        /// Where it came from.
+        url: String,
+        /// Its `expires` time (Unix seconds).
+        expired_at: u64,
+        /// The time it was checked at (Unix seconds).
+        now: u64,
+    },
     /// Every mirror failed; each failure is listed.
     #[error("no mirror served a valid channel index: {}", list_failures(.failures))]
     AllMirrorsFailed {
@@ -112,6 +126,40 @@ pub enum ChannelError {
     },
 }
 
+/// Formats Unix seconds as an RFC 3339 UTC time (seconds precision).
+pub fn rfc3339(unix_seconds: u64) -> String {
+    // RFC 3339 ends at year 9999; a signed field can hold anything up to 2^64-1.
+    const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
+    if unix_seconds > LAST_RFC3339_SECOND {
+        return format!("{unix_seconds} s after 1970-01-01T00:00:00Z");
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_seconds);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Now, in seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Refuses an index whose signed `expires` time is at or before `now` (Unix seconds).
+///
+/// A node whose clock is behind (no RTC, before NTP) accepts an index it would refuse later:
+/// the check can only err towards installing a properly signed update, never towards
+/// refusing a fresh one.
+pub fn check_expiry(index: &ChannelIndex, now: u64, url: &str) -> Result<(), ChannelError> {
+    match index.expires {
+        Some(expired_at) if expired_at <= now => Err(ChannelError::Expired {
+            url: url.to_string(),
+            expired_at,
+            now,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn list_failures(failures: &[(String, ChannelError)]) -> String {
     failures
         .iter()
@@ -129,6 +177,7 @@ impl ChannelError {
             | ChannelError::UntrustedKey { .. }
             | ChannelError::BadSignature { .. }
             | ChannelError::Invalid { .. }
+            | ChannelError::Expired { .. }
             | ChannelError::CacheMismatch { .. } => true,
             ChannelError::Bundle(e) => !matches!(e, BundleError::Io { .. }),
             ChannelError::AllMirrorsFailed { failures } => {
@@ -161,6 +210,12 @@ pub struct ChannelIndex {
     pub size: u64,
     /// SHA-256 of the image (hex), as in the bundle header.
     pub sha256: String,
+    /// When the index stops being trusted, in seconds since the Unix epoch (UTC). A node
+    /// refuses an index past this time, so a mirror that keeps serving an old signed index
+    /// (a freeze attack: the node never hears of a security fix) is noticed once it expires.
+    /// Absent: the index never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
 }
 
 impl ChannelIndex {
@@ -239,6 +294,7 @@ pub fn index_for_bundle(
         bundle: url,
         size: len,
         sha256: hex::encode(header.image_sha256),
+        expires: None,
     })
 }
 
@@ -357,7 +413,9 @@ pub fn fetch_index(
             )
             .map_err(ChannelError::from)
             .and_then(|fetched| {
-                verify_index(&fetched.body, keyring, &fetched.final_url).map(|v| (v, fetched))
+                let verified = verify_index(&fetched.body, keyring, &fetched.final_url)?;
+                check_expiry(&verified.index, unix_now(), &fetched.final_url)?;
+                Ok((verified, fetched))
             });
         match attempt {
             Ok((verified, fetched)) => {
@@ -686,7 +744,40 @@ mod tests {
             bundle: "b.abup".into(),
             size: 1000,
             sha256: "ab".repeat(32),
+            expires: None,
         }
+    }
+
+    #[test]
+    fn expiry_is_signed_and_checked() {
+        let key = bundle::keys::generate_signing_key();
+        let ring = Keyring::from_keys([key.verifying_key()]).unwrap();
+        let mut ix = index();
+        ix.expires = Some(1_800_000_000);
+        let text = sign_index(&ix, &key);
+        let v = verify_index(text.as_bytes(), &ring, "u").unwrap();
+        assert_eq!(v.index.expires, Some(1_800_000_000));
+        assert!(check_expiry(&v.index, 1_799_999_999, "u").is_ok());
+        for now in [1_800_000_000, 1_800_000_001, u64::MAX] {
+            let err = check_expiry(&v.index, now, "u").unwrap_err();
+            assert!(err.is_refusal());
+            assert!(
+                err.to_string().contains("expired at 2027-01-15T08:00:00Z"),
+                "{err}"
+            );
+        }
+        // Pushing the expiry later breaks the signature.
+        let extended = text.replace("1800000000", "1900000000");
+        assert_ne!(extended, text);
+        assert!(matches!(
+            verify_index(extended.as_bytes(), &ring, "u"),
+            Err(ChannelError::BadSignature { .. })
+        ));
+        assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
+        assert!(rfc3339(u64::MAX).contains("after 1970"));
+        // No expiry: never expires; an index written without the field still reads.
+        assert!(check_expiry(&index(), u64::MAX, "u").is_ok());
+        assert!(!sign_index(&index(), &key).contains("expires"));
     }
 
     #[test]

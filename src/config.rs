@@ -278,7 +278,7 @@ impl Config {
 }
 
 /// Parses a duration: a number of seconds (`30`, `0.5`) or a number with a unit (`500ms`,
-/// `30s`, `5m`, `1h`).
+/// `30s`, `5m`, `1h`, `7d`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t
@@ -293,9 +293,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => 0.001,
         "m" | "min" => 60.0,
         "h" => 3600.0,
+        "d" => 86400.0,
         other => {
             return Err(format!(
-                "unknown unit {other:?} in duration {s:?} (ms, s, m, h)"
+                "unknown unit {other:?} in duration {s:?} (ms, s, m, h, d)"
             ))
         }
     };
@@ -401,6 +402,10 @@ max-redirects = 3
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("5 parsecs").is_err());
     }

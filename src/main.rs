@@ -388,7 +388,24 @@ enum ChannelCommand {
         /// Output index file.
         #[arg(long)]
         out: PathBuf,
+        /// Nodes refuse the index this long after signing (e.g. `7d`), so a mirror that
+        /// keeps serving a stale index is noticed. Re-sign the index before it runs out.
+        #[arg(long, value_parser = parse_duration, conflicts_with = "expires_at")]
+        expires_in: Option<Duration>,
+        /// Nodes refuse the index from this UTC time on (RFC 3339, e.g.
+        /// `2027-01-01T00:00:00Z`).
+        #[arg(long, value_parser = parse_rfc3339_seconds)]
+        expires_at: Option<u64>,
     },
+}
+
+/// Parses an RFC 3339 UTC time into Unix seconds.
+fn parse_rfc3339_seconds(s: &str) -> Result<u64, String> {
+    let t = humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("invalid time {s:?} ({e}); e.g. 2027-01-01T00:00:00Z"))?;
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .map_err(|_| format!("{s:?} is before 1970"))
 }
 
 #[derive(Subcommand)]
@@ -1472,21 +1489,31 @@ fn run(cli: Cli) -> Result<()> {
             key,
             bundle_url,
             out,
+            expires_in,
+            expires_at,
         }) => {
             let secret = abupdate::bundle::keys::read_secret_key(&key)?;
-            let index = abupdate::channel::index_for_bundle(&bundle, bundle_url.as_deref())?;
+            let mut index = abupdate::channel::index_for_bundle(&bundle, bundle_url.as_deref())?;
+            index.expires = match (expires_in, expires_at) {
+                (Some(d), _) => Some(abupdate::channel::unix_now().saturating_add(d.as_secs())),
+                (None, at) => at,
+            };
             let text = abupdate::channel::sign_index(&index, &secret);
             let tmp = out.with_extension("abupdate-tmp");
             std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
             std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
             println!(
-                "wrote {}: version {}, compatible {}, bundle {} ({} bytes), image sha256 {}, signed by key {}",
+                "wrote {}: version {}, compatible {}, bundle {} ({} bytes), image sha256 {}, {}, signed by key {}",
                 out.display(),
                 index.version,
                 index.compatible,
                 index.bundle,
                 index.size,
                 index.sha256,
+                index.expires.map_or_else(
+                    || "never expires".to_string(),
+                    |t| format!("expires {}", abupdate::channel::rfc3339(t))
+                ),
                 abupdate::bundle::KeyId::of(&secret.verifying_key())
             );
             Ok(())

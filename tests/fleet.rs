@@ -752,19 +752,76 @@ fn install_through_a_connect_proxy_from_the_environment() {
 
 /// Publishes the v2 bundle with a signed index at `/stable/index.json` (bundle URL relative).
 fn publish(srv: &Server, n: &Node) {
+    publish_at(srv, n, "/stable", &[]);
+}
+
+/// Publishes the v2 bundle and an index made by `channel create` with `extra` arguments at
+/// `DIR/index.json` and `DIR/v2.abup`; returns `channel create`'s output.
+fn publish_at(srv: &Server, n: &Node, dir: &str, extra: &[&str]) -> String {
     let index = n.dir.join("index.json");
-    abupdate_ok(&[
+    let key = test_key();
+    let mut args = vec![
         "channel",
         "create",
         "--bundle",
         n.bundle_path.to_str().unwrap(),
         "--key",
-        test_key().to_str().unwrap(),
+        key.to_str().unwrap(),
         "--out",
         index.to_str().unwrap(),
-    ]);
-    srv.put("/stable/index.json", std::fs::read(&index).unwrap());
-    srv.put("/stable/v2.abup", n.bundle.clone());
+    ];
+    args.extend_from_slice(extra);
+    let said = abupdate_ok(&args);
+    srv.put(&format!("{dir}/index.json"), std::fs::read(&index).unwrap());
+    srv.put(&format!("{dir}/v2.abup"), n.bundle.clone());
+    said
+}
+
+/// A mirror serving an index past its signed expiry is refused (exit 3, nothing fetched);
+/// with a fresh mirror behind it, the fresh one is used and the stale one reported.
+#[test]
+fn expired_index_is_refused_and_a_fresh_mirror_used() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = node();
+    let srv = Server::start();
+    let said = publish_at(
+        &srv,
+        &n,
+        "/stale",
+        &["--expires-at", "2020-01-01T00:00:00Z"],
+    );
+    assert!(said.contains("expires 2020-01-01T00:00:00Z"), "{said}");
+    let said = publish_at(&srv, &n, "/fresh", &["--expires-in", "7d"]);
+    assert!(said.contains("expires 20"), "{said}");
+    let pubkey = test_pubkey().display().to_string();
+
+    let stale = vec![srv.url("/stale/index.json")];
+    for cmd in ["check", "update"] {
+        let mut args = vec![cmd];
+        args.extend_from_slice(&channel_args(&n, &pubkey, &stale));
+        let out = abu(&args);
+        n.assert_failed_cleanly(&out, 3);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("expired at 2020-01-01T00:00:00Z"),
+            "{}",
+            text(&out)
+        );
+    }
+    assert!(srv.requests_for("/stale/v2.abup").is_empty());
+
+    let both = vec![srv.url("/stale/index.json"), srv.url("/fresh/index.json")];
+    let mut args = vec!["check", "--json"];
+    args.extend_from_slice(&channel_args(&n, &pubkey, &both));
+    let out = abu(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verdict"], "available");
+    assert!(
+        report["skipped_mirrors"].to_string().contains("expired"),
+        "{report}"
+    );
 }
 
 /// An index whose signed text was changed after signing (version bumped).
