@@ -358,6 +358,63 @@ fn installs_on_a_loop_device_through_the_partition_node() {
     assert_running_slot_intact(&s);
 }
 
+/// On a loop device with 4096-byte logical sectors: the sector size comes from the device,
+/// the image lands in ROOT-B's partition node, and cgpt, sgdisk and the boot hook agree.
+#[test]
+fn installs_on_a_4096_byte_sector_loop_device() {
+    if !have_gpt_tools() || !have_loop() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk4k.img");
+    abupdate_ok(&[
+        "disk",
+        "init",
+        disk.to_str().unwrap(),
+        "--slot-size",
+        "8M",
+        "--sector-size",
+        "4096",
+    ]);
+    let image = dir.path().join("v2.img");
+    make_image(&image, 5 * 1024 * 1024 + 8192, 9);
+    let bundle = dir.path().join("v2.abup");
+    make_bundle(&image, "2.0", "test-board", &bundle);
+    let lo = LoopDevice::attach(&disk, Some(4096));
+    let part1 = lo.wait_partition(1);
+    let part2 = lo.wait_partition(2);
+    let running_before = sha256_file(&part1);
+    let out = abupdate(&[
+        "install",
+        bundle.to_str().unwrap(),
+        "--disk",
+        lo.as_str(),
+        "--keyring",
+        test_pubkey().to_str().unwrap(),
+        "--compatible",
+        "test-board",
+        "--no-sentinel",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = status_json(lo.as_str(), &[]);
+    assert_eq!(status["sector_size"], 4096);
+    assert_eq!(status["next_boot"], "ROOT-B");
+    assert_eq!(status["slots"][1]["version"], "2.0", "{status}");
+    assert_eq!(cgpt_fields(lo.as_str(), 2), (3, 3, false));
+    assert_sgdisk_clean(lo.as_str());
+    let img_len = std::fs::metadata(&image).unwrap().len();
+    assert_eq!(sha256_range(&part2, 0, img_len), sha256_file(&image));
+    assert_eq!(sha256_file(&part1), running_before, "running slot written");
+    let boot = abupdate_ok(&["boot", "--disk", lo.as_str(), "--format", "json"]);
+    let boot: serde_json::Value = serde_json::from_str(&boot).unwrap();
+    assert_eq!(boot["slot"], "ROOT-B", "{boot}");
+    assert_eq!(cgpt_fields(lo.as_str(), 2), (3, 2, false));
+}
+
 /// SIGTERM mid-install: exit 130, the target left unbootable, the running slot untouched.
 #[test]
 fn sigterm_stops_cleanly_and_leaves_the_target_unbootable() {
