@@ -19,17 +19,8 @@ fn boot(disk: &str) -> (String, String) {
 }
 
 fn install(disk: &str, bundle: &Path) {
-    abupdate_ok(&[
-        "install",
-        bundle.to_str().unwrap(),
-        "--disk",
-        disk,
-        "--keyring",
-        test_pubkey().to_str().unwrap(),
-        "--compatible",
-        "test-board",
-        "--no-sentinel",
-    ]);
+    let args = install_args(bundle.to_str().unwrap(), disk);
+    abupdate_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
 fn walk_cycle(disk: &str, dir: &Path) {

@@ -798,17 +798,7 @@ fn expired_index_is_refused_and_a_fresh_mirror_used() {
     let pubkey = test_pubkey().display().to_string();
 
     let stale = vec![srv.url("/stale/index.json")];
-    for cmd in ["check", "update"] {
-        let mut args = vec![cmd];
-        args.extend_from_slice(&channel_args(&n, &pubkey, &stale));
-        let out = abu(&args);
-        n.assert_failed_cleanly(&out, 3);
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("expired at 2020-01-01T00:00:00Z"),
-            "{}",
-            text(&out)
-        );
-    }
+    assert_channel_refused(&n, &pubkey, &stale, "expired at 2020-01-01T00:00:00Z");
     assert!(srv.requests_for("/stale/v2.abup").is_empty());
 
     let both = vec![srv.url("/stale/index.json"), srv.url("/fresh/index.json")];
@@ -831,6 +821,22 @@ fn forged_index(srv: &Server) -> Vec<u8> {
         .unwrap()
         .replace("\\\"version\\\":\\\"2.0\\\"", "\\\"version\\\":\\\"9.0\\\"")
         .into_bytes()
+}
+
+/// `check` and `update` on `urls` both refuse the channel: exit 3, `needle` in the message,
+/// the running slot untouched.
+fn assert_channel_refused(n: &Node, pubkey: &str, urls: &[String], needle: &str) {
+    for cmd in ["check", "update"] {
+        let mut args = vec![cmd];
+        args.extend_from_slice(&channel_args(n, pubkey, urls));
+        let out = abu(&args);
+        n.assert_failed_cleanly(&out, 3);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{cmd}: {}",
+            text(&out)
+        );
+    }
 }
 
 fn channel_args<'a>(n: &'a Node, pubkey: &'a str, urls: &'a [String]) -> Vec<&'a str> {
@@ -944,17 +950,7 @@ fn index_with_bad_signature_is_refused() {
     srv.put("/stable/index.json", forged_index(&srv));
     let pubkey = test_pubkey().display().to_string();
     let urls = vec![srv.url("/stable/index.json")];
-    for cmd in ["check", "update"] {
-        let mut args = vec![cmd];
-        args.extend_from_slice(&channel_args(&n, &pubkey, &urls));
-        let out = abu(&args);
-        n.assert_failed_cleanly(&out, 3);
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("bad signature"),
-            "{}",
-            text(&out)
-        );
-    }
+    assert_channel_refused(&n, &pubkey, &urls, "bad signature");
     assert!(srv.requests_for("/stable/v2.abup").is_empty());
     // Unreachable channel: exit 9.
     let urls = vec!["http://127.0.0.1:9/index.json".to_string()];

@@ -37,20 +37,15 @@ fn setup() -> Setup {
 }
 
 fn install(s: &Setup, bundle: &Path, extra: &[&str]) -> std::process::Output {
-    let pubkey = test_pubkey();
-    let mut args = vec![
-        "install",
-        bundle.to_str().unwrap(),
-        "--disk",
-        &s.disk,
-        "--keyring",
-        pubkey.to_str().unwrap(),
-        "--compatible",
-        "test-board",
-        "--no-sentinel",
-    ];
-    args.extend_from_slice(extra);
-    abupdate(&args)
+    install_on(&s.disk, bundle, extra)
+}
+
+/// `abupdate install BUNDLE --disk DISK` with the test key, compatible `test-board`, no
+/// sentinel, and `extra`.
+fn install_on(disk: &str, bundle: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = install_args(bundle.to_str().unwrap(), disk);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    abupdate(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn assert_running_slot_intact(s: &Setup) {
@@ -325,18 +320,7 @@ fn installs_on_a_loop_device_through_the_partition_node() {
     let lo = LoopDevice::attach(Path::new(&s.disk), None);
     lo.wait_partition(1);
     let part2 = lo.wait_partition(2);
-    let out = abupdate(&[
-        "install",
-        bundle.to_str().unwrap(),
-        "--disk",
-        lo.as_str(),
-        "--keyring",
-        test_pubkey().to_str().unwrap(),
-        "--compatible",
-        "test-board",
-        "--no-sentinel",
-        "--json",
-    ]);
+    let out = install_on(lo.as_str(), &bundle, &["--json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -384,17 +368,7 @@ fn installs_on_a_4096_byte_sector_loop_device() {
     let part1 = lo.wait_partition(1);
     let part2 = lo.wait_partition(2);
     let running_before = sha256_file(&part1);
-    let out = abupdate(&[
-        "install",
-        bundle.to_str().unwrap(),
-        "--disk",
-        lo.as_str(),
-        "--keyring",
-        test_pubkey().to_str().unwrap(),
-        "--compatible",
-        "test-board",
-        "--no-sentinel",
-    ]);
+    let out = install_on(lo.as_str(), &bundle, &[]);
     assert!(
         out.status.success(),
         "{}",

@@ -279,6 +279,25 @@ pub fn partition_range(disk: &str, n: u32) -> (u64, u64) {
     (first * 512, (last - first + 1) * 512)
 }
 
+/// Arguments of `abupdate install SOURCE --disk DISK` with the test key, compatible
+/// `test-board` and no sentinel: how the tests install.
+pub fn install_args(source: &str, disk: &str) -> Vec<String> {
+    let key = test_pubkey().display().to_string();
+    [
+        "install",
+        source,
+        "--disk",
+        disk,
+        "--keyring",
+        &key,
+        "--compatible",
+        "test-board",
+        "--no-sentinel",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// An `abupdate install -` fed from a pipe the test controls, so it can be held mid-stream.
 pub struct PipedInstall {
     /// The running install.
@@ -293,17 +312,7 @@ impl PipedInstall {
     pub fn start(disk: &str, bundle: &[u8], sent: usize) -> PipedInstall {
         use std::io::Write;
         let mut child = Command::new(bin())
-            .args([
-                "install",
-                "-",
-                "--disk",
-                disk,
-                "--keyring",
-                test_pubkey().to_str().unwrap(),
-                "--compatible",
-                "test-board",
-                "--no-sentinel",
-            ])
+            .args(install_args("-", disk))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
