@@ -146,6 +146,8 @@ pub struct Config {
     pub channel: Option<Vec<String>>,
     /// Tries given to a new slot (`--tries`).
     pub tries: Option<u8>,
+    /// Copy chunks the running slot already holds instead of fetching them (`--adaptive`).
+    pub adaptive: Option<bool>,
     /// Update strategy (`--strategy`).
     pub strategy: Option<Strategy>,
     /// Reboot policy after an install (`--reboot`, `--no-sentinel`).

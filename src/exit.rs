@@ -97,7 +97,7 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             InstallError::Slot(_) | InstallError::SlotIo(_) | InstallError::NoRunningSlot => {
                 Exit::Disk
             }
-            InstallError::ReadbackMismatch { .. } => Exit::Disk,
+            InstallError::ReadbackMismatch { .. } | InstallError::ReadRunning { .. } => Exit::Disk,
             InstallError::Bundle(_) | InstallError::TooLarge { .. } => Exit::BadBundle,
             InstallError::Interrupted { .. } => Exit::Interrupted,
             InstallError::Sentinel { .. } => Exit::Failure,

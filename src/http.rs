@@ -360,6 +360,7 @@ pub struct FetchStats {
     range_ignored: AtomicU64,
     bytes: AtomicU64,
     discarded: AtomicU64,
+    skipped: AtomicU64,
 }
 
 /// A snapshot of [`FetchStats`].
@@ -375,6 +376,8 @@ pub struct FetchSummary {
     pub bytes: u64,
     /// Bytes received and thrown away (re-sent prefixes).
     pub discarded: u64,
+    /// Bytes jumped over without downloading them (an adaptive install's reused chunks).
+    pub skipped: u64,
 }
 
 impl FetchStats {
@@ -386,6 +389,7 @@ impl FetchStats {
             range_ignored: self.range_ignored.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             discarded: self.discarded.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
         }
     }
 }
@@ -653,6 +657,8 @@ impl Fetcher {
             failures_in_a_row: 0,
             busy: Duration::ZERO,
             window_bytes: 0,
+            ranges_ignored: false,
+            window_end: None,
         };
         loop {
             match source.connect() {
@@ -697,6 +703,12 @@ pub struct HttpSource {
     /// Time spent inside network reads in the current low-speed window, and bytes received.
     busy: Duration,
     window_bytes: u64,
+    /// The server answered a `Range` request with the whole resource once: skipping ahead
+    /// by reconnecting would then download everything before the new position again.
+    ranges_ignored: bool,
+    /// End (exclusive) of the closed range the current request asks for, when the reader
+    /// said how much it will read after a skip: the server then sends nothing beyond it.
+    window_end: Option<u64>,
 }
 
 impl fmt::Debug for HttpSource {
@@ -726,6 +738,63 @@ impl HttpSource {
         self.retries_used
     }
 
+    /// Moves `n` bytes ahead without delivering them; the caller then reads `next_read`
+    /// bytes (when it knows). A small gap inside what the current request already covers is
+    /// read through and thrown away ([`RECONNECT_GAP`]); otherwise the connection is dropped
+    /// and the next read asks for the new position with a `Range` request, closed at
+    /// `next_read` bytes when given, so the skipped bytes are never downloaded and nothing
+    /// beyond the needed ones is sent. A server known to ignore `Range` is always read
+    /// through.
+    pub fn skip_ahead(&mut self, n: u64, next_read: Option<u64>) -> Result<(), HttpError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let target = self.position.saturating_add(n);
+        let inside_request = self.window_end.is_none_or(|w| target < w);
+        let read_through = self.sniff.is_some()
+            || self.ranges_ignored
+            || (self.body.is_some() && self.skip == 0 && n <= RECONNECT_GAP && inside_request);
+        if read_through {
+            let mut scratch = vec![0u8; (n.min(64 * 1024)) as usize];
+            let mut left = n;
+            while left > 0 {
+                let want = (left as usize).min(scratch.len());
+                let got = self.read_inner(&mut scratch[..want])?;
+                if got == 0 {
+                    return Err(HttpError::Transfer {
+                        url: self.url.clone(),
+                        offset: self.position,
+                        reason: format!("the stream ended {left} bytes before the skip target"),
+                    });
+                }
+                left -= got as u64;
+                self.fetcher
+                    .stats
+                    .discarded
+                    .fetch_add(got as u64, Ordering::Relaxed);
+            }
+            return Ok(());
+        }
+        if let Some(end) = self.end() {
+            if target > end {
+                return Err(HttpError::Transfer {
+                    url: self.url.clone(),
+                    offset: self.position,
+                    reason: format!("cannot skip to byte {target}: the bundle ends at {end}"),
+                });
+            }
+        }
+        self.body = None;
+        self.skip = 0;
+        self.position = target;
+        self.window_end = next_read
+            .filter(|&r| r > 0)
+            .map(|r| target.saturating_add(r))
+            .map(|w| self.end().map_or(w, |end| w.min(end)));
+        self.fetcher.stats.skipped.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn end(&self) -> Option<u64> {
         self.expected
             .len
@@ -741,7 +810,11 @@ impl HttpSource {
         let url = self.url.clone();
         let mut req = self.fetcher.agent.get(&url);
         if self.position > 0 {
-            req = req.header("Range", format!("bytes={}-", self.position));
+            let range = match self.window_end {
+                Some(w) => format!("bytes={}-{}", self.position, w - 1),
+                None => format!("bytes={}-", self.position),
+            };
+            req = req.header("Range", range);
             if let Some(v) = &self.validator {
                 req = req.header("If-Range", v.as_str());
             }
@@ -789,6 +862,7 @@ impl HttpSource {
                         }
                     }
                     self.skip = self.position;
+                    self.ranges_ignored = true;
                     self.fetcher
                         .stats
                         .range_ignored
@@ -1049,6 +1123,12 @@ impl HttpSource {
             if end.is_some_and(|end| self.position >= end) {
                 return Ok(0);
             }
+            if self.window_end.is_some_and(|w| self.position >= w) {
+                // The closed range is used up: more reading needs a new, open request.
+                self.body = None;
+                self.skip = 0;
+                self.window_end = None;
+            }
             if self.body.is_none() {
                 if let Err(e) = self.connect() {
                     self.failed(e)?;
@@ -1062,10 +1142,14 @@ impl HttpSource {
                 }
             }
             let end = self.end();
-            let want = match end {
-                Some(end) => buf
+            let limit = match (end, self.window_end) {
+                (Some(e), Some(w)) => Some(e.min(w)),
+                (e, w) => e.or(w),
+            };
+            let want = match limit {
+                Some(limit) => buf
                     .len()
-                    .min((end - self.position).min(usize::MAX as u64) as usize),
+                    .min((limit - self.position).min(usize::MAX as u64) as usize),
                 None => buf.len(),
             };
             match self.read_body(&mut buf[..want]) {
@@ -1107,6 +1191,34 @@ impl HttpSource {
 impl Read for HttpSource {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.read_inner(buf).map_err(io::Error::other)
+    }
+}
+
+/// Read buffer in front of an [`HttpSource`]: large enough for throughput, small enough that
+/// what an adaptive install reads ahead and then skips stays small.
+pub const STREAM_BUFFER: usize = 64 * 1024;
+
+/// Gaps up to this size are read through on an open connection rather than skipped with a
+/// new request: a request costs a round trip, and a connection dropped mid-body wastes what
+/// was already in flight.
+pub const RECONNECT_GAP: u64 = 256 * 1024;
+
+/// Forward-only seeking, so a `BufReader<HttpSource>` can `seek_relative` past bytes it does
+/// not need ([`HttpSource::skip_ahead`]). `SeekFrom::Current(0)` tells the position; going
+/// back or seeking from either end is refused.
+impl io::Seek for HttpSource {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        match pos {
+            io::SeekFrom::Current(delta) if delta >= 0 => {
+                self.skip_ahead(delta as u64, None)
+                    .map_err(io::Error::other)?;
+                Ok(self.position)
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a bundle download only skips forward",
+            )),
+        }
     }
 }
 

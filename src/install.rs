@@ -17,6 +17,10 @@
 //!
 //! A failure or signal anywhere before step 8 leaves the target unbootable and the running
 //! slot as it was; the GPT of a disk is only ever changed by the crash-safe writer.
+//!
+//! With [`InstallOptions::adaptive`], step 3 also hashes the running slot (read-only) and
+//! step 5 copies every chunk found there instead of reading its frame from the bundle
+//! ([`crate::adaptive`]); the checks of steps 5-6 are the same.
 
 use std::cmp::Ordering;
 use std::io::{self, Read};
@@ -28,13 +32,15 @@ use std::time::Instant;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::adaptive::{self, ChunkSource, Plan, PlanSummary};
 use crate::attrs::SlotAttributes;
-use crate::bundle::{BundleError, BundleReader, Keyring};
+use crate::bundle::{BundleError, BundleReader, BundleSource, Keyring};
 use crate::footer::{self, SlotRecord, RECORD_BYTES};
 use crate::running::{self, RunningSource};
 use crate::select;
-use crate::slotio::{SlotBacking, SlotIo, SlotIoError, SlotTarget};
+use crate::slotio::{ReadOnlyView, SlotBacking, SlotIo, SlotIoError, SlotTarget};
 use crate::slots::{AbDisk, SlotError};
+use crate::sys::AlignedBuf;
 
 /// Default path of the reboot-required sentinel (watched by kured and similar).
 pub const DEFAULT_SENTINEL: &str = "/run/reboot-required";
@@ -121,6 +127,14 @@ pub enum InstallError {
         /// Hash of what was read.
         actual: String,
     },
+    /// Reading the running slot for an adaptive install failed (nothing was changed).
+    #[error("adaptive install: reading the running slot {slot} failed: {source}")]
+    ReadRunning {
+        /// Running slot.
+        slot: String,
+        /// OS error.
+        source: io::Error,
+    },
     /// Interrupted by a signal.
     #[error("interrupted; {slot} left unbootable, running slot untouched")]
     Interrupted {
@@ -152,6 +166,9 @@ pub struct InstallOptions {
     pub sentinel: Option<PathBuf>,
     /// Decompression worker threads (0: one per core).
     pub workers: usize,
+    /// Copy the chunks the running slot already holds instead of reading them from the
+    /// bundle ([`crate::adaptive`]).
+    pub adaptive: bool,
 }
 
 impl Default for InstallOptions {
@@ -163,6 +180,7 @@ impl Default for InstallOptions {
             running: None,
             sentinel: Some(PathBuf::from(DEFAULT_SENTINEL)),
             workers: 0,
+            adaptive: false,
         }
     }
 }
@@ -190,6 +208,18 @@ pub enum InstallEvent {
         running_source: String,
         /// Target slot.
         target: String,
+    },
+    /// An adaptive install's plan: what comes from the running slot.
+    AdaptivePlan {
+        /// Running slot indexed.
+        running: String,
+        /// Running-slot bytes hashed.
+        bytes_hashed: u64,
+        /// Seconds the hashing took.
+        index_seconds: f64,
+        /// What the plan takes from where.
+        #[serde(flatten)]
+        summary: PlanSummary,
     },
     /// Target made unbootable and opened for writing.
     TargetInvalidated {
@@ -253,6 +283,19 @@ pub struct InstallReport {
     pub attributes: String,
     /// Sentinel written, if any.
     pub sentinel: Option<String>,
+    /// What an adaptive install took from the running slot (`None`: not adaptive).
+    pub adaptive: Option<AdaptiveOutcome>,
+}
+
+/// What an adaptive install did.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct AdaptiveOutcome {
+    /// The plan, as made from the running slot's hashes.
+    #[serde(flatten)]
+    pub planned: PlanSummary,
+    /// Planned copies whose bytes no longer matched when read (or could not be read), and
+    /// were taken from the bundle instead.
+    pub fallbacks: u32,
 }
 
 /// Compares version strings the way package managers broadly do: split into runs of digits
@@ -288,7 +331,7 @@ pub fn compare_versions(a: &str, b: &str) -> Ordering {
 
 /// Runs an install of `bundle` onto `disk`. `cancel` is polled between chunks (set it from a
 /// signal handler); `events` receives progress.
-pub fn install<D: SlotBacking, R: Read + Send>(
+pub fn install<D: SlotBacking, R: BundleSource>(
     disk: &mut AbDisk<D>,
     bundle: R,
     keyring: &Keyring,
@@ -375,11 +418,16 @@ pub fn install<D: SlotBacking, R: Read + Send>(
         running_source: source_text,
         target: slots[target].name.clone(),
     });
+    let reuse = options.adaptive.then(|| Reuse {
+        slot: running,
+        image_len: running_record.as_ref().map(|r| r.image_size),
+    });
     let written = write_slot(
         disk,
         target,
         &mut reader,
         workers_for(options.workers),
+        reuse,
         cancel,
         events,
     )?;
@@ -421,6 +469,7 @@ pub fn install<D: SlotBacking, R: Read + Send>(
         direct_io: written.direct_io,
         attributes: flipped[target].to_string(),
         sentinel,
+        adaptive: written.adaptive,
     })
 }
 
@@ -433,6 +482,17 @@ pub struct SlotWritten {
     pub verify_seconds: f64,
     /// Whether O_DIRECT was used.
     pub direct_io: bool,
+    /// What an adaptive install took from the running slot.
+    pub adaptive: Option<AdaptiveOutcome>,
+}
+
+/// Where an adaptive install may copy chunks from: the running slot.
+#[derive(Debug, Clone, Copy)]
+pub struct Reuse {
+    /// Index of the running slot.
+    pub slot: usize,
+    /// Length of the image it holds, from its slot record (`None`: hash the whole slot).
+    pub image_len: Option<u64>,
 }
 
 /// Decompression workers: one per core, at most two by default. Two already decompress and
@@ -451,11 +511,13 @@ fn workers_for(requested: usize) -> usize {
 /// Steps 4-7 of an install into slot `target` from an already signature-checked reader:
 /// invalidate the slot, stream verified chunks into it, flush, read back against the signed
 /// hash, write the slot record. The slot stays unbootable; the caller decides what it becomes.
-pub fn write_slot<D: SlotBacking, R: Read + Send>(
+#[allow(clippy::too_many_arguments)]
+pub fn write_slot<D: SlotBacking, R: BundleSource>(
     disk: &mut AbDisk<D>,
     target: usize,
     reader: &mut BundleReader<R>,
     workers: usize,
+    reuse: Option<Reuse>,
     cancel: &AtomicBool,
     events: &mut dyn FnMut(InstallEvent),
 ) -> Result<SlotWritten, InstallError> {
@@ -485,6 +547,26 @@ pub fn write_slot<D: SlotBacking, R: Read + Send>(
         slot.offset_bytes(sector_size),
         slot_size,
     )?);
+    // Adaptive: hash the running slot (read-only) while the target is still as it was.
+    let adaptive = match reuse {
+        Some(r) => {
+            let running = &slots[r.slot];
+            let indexed = index_running(disk, running, sector_size, r.image_len, &header).map_err(
+                |source| InstallError::ReadRunning {
+                    slot: running.name.clone(),
+                    source,
+                },
+            )?;
+            events(InstallEvent::AdaptivePlan {
+                running: running.name.clone(),
+                bytes_hashed: indexed.bytes_hashed,
+                index_seconds: indexed.seconds,
+                summary: indexed.plan.summary,
+            });
+            Some(indexed)
+        }
+        None => None,
+    };
     let mut invalid = attrs.clone();
     invalid[target] = select::invalidate(attrs[target]);
     disk.write_slot_attributes(&slots, &invalid)?;
@@ -519,15 +601,16 @@ pub fn write_slot<D: SlotBacking, R: Read + Send>(
     let (stream_result, readback, stream_end) = std::thread::scope(|scope| {
         let verifier =
             scope.spawn(|| verify_regions(out, &slot_name, region_rx, cancel, &verified_bytes));
-        let result = stream_into_slot(
+        let mut writer = ChunkWriter {
             out,
-            &slot.name,
-            reader,
-            workers,
+            slot: &slot.name,
             total,
+            write_buf: SlotTarget::buffer(header.chunk_size as usize),
+            flushed: 0,
+            regions: region_tx,
+            last_event: Instant::now(),
             cancel,
-            region_tx,
-            &mut |written| {
+            progress: &mut |written| {
                 events(InstallEvent::Written {
                     bytes: written,
                     total,
@@ -540,13 +623,20 @@ pub fn write_slot<D: SlotBacking, R: Read + Send>(
                     });
                 }
             },
-        );
+        };
+        let result = match &adaptive {
+            Some(indexed) => {
+                stream_adaptive(&mut writer, reader, &indexed.plan, &*indexed.view).map(Some)
+            }
+            None => stream_into_slot(&mut writer, reader, workers).map(|()| None),
+        };
+        drop(writer);
         let stream_end = Instant::now();
         let readback = verifier.join();
         (result, readback, stream_end)
     });
     let write_seconds = (stream_end - started).as_secs_f64();
-    stream_result?;
+    let fallbacks = stream_result?;
     let actual = readback.map_err(|_| {
         InstallError::Bundle(BundleError::Internal("read-back thread panicked".into()))
     })??;
@@ -586,12 +676,77 @@ pub fn write_slot<D: SlotBacking, R: Read + Send>(
         write_seconds,
         verify_seconds,
         direct_io: out.is_direct(),
+        adaptive: adaptive.map(|a| AdaptiveOutcome {
+            planned: a.plan.summary,
+            fallbacks: fallbacks.unwrap_or(0),
+        }),
+    })
+}
+
+/// Payload bytes an adaptive install reads from chunk `first` on (a bundle chunk) before its
+/// next skip that is larger than `gap` (smaller skips are read through), per the plan.
+fn bytes_to_read_from(
+    header: &crate::bundle::BundleHeader,
+    plan: &Plan,
+    first: usize,
+    gap: u64,
+) -> u64 {
+    let mut wanted = 0u64;
+    let mut gap_run = 0u64;
+    for (entry, source) in header.chunks[first..].iter().zip(&plan.sources[first..]) {
+        let frame = u64::from(entry.compressed_len);
+        match source {
+            ChunkSource::Bundle => {
+                wanted += gap_run + frame;
+                gap_run = 0;
+            }
+            ChunkSource::Running { .. } => {
+                gap_run += frame;
+                if gap_run > gap {
+                    break;
+                }
+            }
+        }
+    }
+    wanted
+}
+
+/// The running slot's chunk index and the plan made from it.
+struct IndexedRunning {
+    view: Box<dyn ReadOnlyView>,
+    plan: Plan,
+    bytes_hashed: u64,
+    seconds: f64,
+}
+
+/// Hashes the running slot through a read-only view and plans the adaptive install.
+fn index_running<D: SlotBacking>(
+    disk: &mut AbDisk<D>,
+    running: &crate::slots::Slot,
+    sector_size: u32,
+    image_len: Option<u64>,
+    header: &crate::bundle::BundleHeader,
+) -> io::Result<IndexedRunning> {
+    let started = Instant::now();
+    let size = running.size_bytes(sector_size);
+    // The slot record's tail block is never image data.
+    let usable = footer::max_image_size(size);
+    let view = disk
+        .dev
+        .read_only_view(running.offset_bytes(sector_size), usable)?;
+    let len = image_len.unwrap_or(usable).min(usable);
+    let local = adaptive::index_view(&*view, len, header)?;
+    Ok(IndexedRunning {
+        view,
+        plan: adaptive::plan(header, &local),
+        bytes_hashed: local.bytes_hashed,
+        seconds: started.elapsed().as_secs_f64(),
     })
 }
 
 /// Writes a factory image into slot `target` of a fresh disk (`disk init --seed`): the same
 /// verified write as an install, then the slot is marked good and boots next.
-pub fn seed_slot<D: SlotBacking, R: Read + Send>(
+pub fn seed_slot<D: SlotBacking, R: BundleSource>(
     disk: &mut AbDisk<D>,
     target: usize,
     bundle: R,
@@ -600,7 +755,15 @@ pub fn seed_slot<D: SlotBacking, R: Read + Send>(
 ) -> Result<SlotWritten, InstallError> {
     let mut reader = BundleReader::new(bundle, keyring)?;
     let never = AtomicBool::new(false);
-    let written = write_slot(disk, target, &mut reader, workers_for(0), &never, events)?;
+    let written = write_slot(
+        disk,
+        target,
+        &mut reader,
+        workers_for(0),
+        None,
+        &never,
+        events,
+    )?;
     let slots = disk.slots()?;
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
     disk.write_slot_attributes(&slots, &select::mark_good(&attrs, target))?;
@@ -612,64 +775,122 @@ const FLUSH_EVERY: u64 = 64 << 20;
 /// Read-back piece size.
 const READBACK_PIECE: usize = 2 << 20;
 
-/// Streams verified chunks into the slot with aligned writes; after every [`FLUSH_EVERY`]
+/// Writes verified chunks into the slot with aligned writes; after every [`FLUSH_EVERY`]
 /// bytes and at the end, flushes and hands the flushed region to the verifier.
-#[allow(clippy::too_many_arguments)]
+struct ChunkWriter<'a> {
+    out: &'a dyn SlotIo,
+    slot: &'a str,
+    total: u64,
+    write_buf: AlignedBuf,
+    flushed: u64,
+    regions: mpsc::Sender<(u64, u64)>,
+    last_event: Instant,
+    cancel: &'a AtomicBool,
+    progress: &'a mut dyn FnMut(u64),
+}
+
+impl ChunkWriter<'_> {
+    /// Writes one verified chunk at its image offset (chunks come in image order).
+    fn put(&mut self, image_offset: u64, data: &[u8]) -> Result<(), InstallError> {
+        if self.cancel.load(AtomicOrdering::Relaxed) {
+            return Err(InstallError::Interrupted {
+                slot: self.slot.to_string(),
+            });
+        }
+        // Direct I/O needs an aligned buffer and whole blocks: copy the verified chunk in and
+        // zero-pad the tail (which stays below the slot record).
+        let padded = data.len().next_multiple_of(crate::slotio::DIRECT_ALIGN);
+        self.write_buf[..data.len()].copy_from_slice(data);
+        self.write_buf[data.len()..padded].fill(0);
+        self.out
+            .write_at(self.slot, &self.write_buf[..padded], image_offset)?;
+        let done = image_offset + data.len() as u64;
+        if done - self.flushed >= FLUSH_EVERY || done == self.total {
+            self.out.sync(self.slot)?;
+            // A closed channel means the verifier stopped on an error it will report.
+            let _ = self.regions.send((self.flushed, done - self.flushed));
+            self.flushed = done;
+        }
+        if self.last_event.elapsed().as_millis() >= 200 || done == self.total {
+            self.last_event = Instant::now();
+            (self.progress)(done);
+        }
+        Ok(())
+    }
+}
+
+/// Streams every chunk of the bundle into the slot, decoded on `workers` threads.
 fn stream_into_slot<R: Read + Send>(
-    out: &dyn SlotIo,
-    slot: &str,
+    writer: &mut ChunkWriter<'_>,
     reader: &mut BundleReader<R>,
     workers: usize,
-    total: u64,
-    cancel: &AtomicBool,
-    regions: mpsc::Sender<(u64, u64)>,
-    progress: &mut dyn FnMut(u64),
 ) -> Result<(), InstallError> {
-    let chunk_size = reader.header().chunk_size as usize;
-    let mut write_buf = SlotTarget::buffer(chunk_size);
     let mut sink_error: Option<InstallError> = None;
-    let mut last_event = Instant::now();
-    let mut flushed = 0u64;
     let result = reader.read_parallel(workers, &mut |chunk| {
-        let mut step = || -> Result<(), InstallError> {
-            if cancel.load(AtomicOrdering::Relaxed) {
-                return Err(InstallError::Interrupted {
-                    slot: slot.to_string(),
-                });
-            }
-            // Direct I/O needs an aligned buffer and whole blocks: copy the verified chunk in
-            // and zero-pad the tail (which stays below the slot record).
-            let padded = chunk
-                .data
-                .len()
-                .next_multiple_of(crate::slotio::DIRECT_ALIGN);
-            write_buf[..chunk.data.len()].copy_from_slice(chunk.data);
-            write_buf[chunk.data.len()..padded].fill(0);
-            out.write_at(slot, &write_buf[..padded], chunk.image_offset)?;
-            let done = chunk.image_offset + chunk.data.len() as u64;
-            if done - flushed >= FLUSH_EVERY || done == total {
-                out.sync(slot)?;
-                // A closed channel means the verifier stopped on an error it will report.
-                let _ = regions.send((flushed, done - flushed));
-                flushed = done;
-            }
-            if last_event.elapsed().as_millis() >= 200 || done == total {
-                last_event = Instant::now();
-                progress(done);
-            }
-            Ok(())
-        };
-        step().map_err(|e| {
+        writer.put(chunk.image_offset, chunk.data).map_err(|e| {
             let io = io::Error::other(e.to_string());
             sink_error = Some(e);
             io
         })
     });
-    drop(regions);
     match result {
         Ok(()) => Ok(()),
         Err(e) => Err(sink_error.take().unwrap_or(InstallError::Bundle(e))),
     }
+}
+
+/// Writes the image following `plan`: chunks found in the running slot are read from
+/// `running`, checked against their signed hash and written, while their frames are skipped
+/// in the bundle (runs of them in one skip); the others are read from the bundle and decoded
+/// as usual. A planned copy whose bytes no longer match is taken from the bundle instead.
+/// Returns the number of such fallbacks.
+fn stream_adaptive<R: BundleSource>(
+    writer: &mut ChunkWriter<'_>,
+    reader: &mut BundleReader<R>,
+    plan: &Plan,
+    running: &dyn ReadOnlyView,
+) -> Result<u32, InstallError> {
+    let header = reader.header().clone();
+    let mut local = vec![0u8; header.chunk_size as usize];
+    let mut pending_skip = 0u32;
+    let mut fallbacks = 0u32;
+    let gap = reader.source().read_through_gap();
+    for (i, source) in plan.sources.iter().enumerate() {
+        let index = i as u32;
+        let len = header.chunk_len(index) as usize;
+        let copied = match *source {
+            ChunkSource::Running { offset } => {
+                let bytes = &mut local[..len];
+                let read = running.read_at(bytes, offset).is_ok();
+                let ok =
+                    read && <[u8; 32]>::from(Sha256::digest(&*bytes)) == header.chunks[i].sha256;
+                if !ok {
+                    fallbacks += 1;
+                }
+                ok
+            }
+            ChunkSource::Bundle => false,
+        };
+        if copied {
+            writer.put(header.chunk_image_offset(index), &local[..len])?;
+            pending_skip += 1;
+            continue;
+        }
+        if pending_skip > 0 {
+            let next_read = bytes_to_read_from(&header, plan, i, gap);
+            reader.skip_chunks(pending_skip, |r, n| r.skip_ahead(n, Some(next_read)))?;
+            pending_skip = 0;
+        }
+        let chunk = reader.next_chunk()?.ok_or_else(|| {
+            InstallError::Bundle(BundleError::Internal(format!(
+                "the bundle reader ended before chunk {index}"
+            )))
+        })?;
+        writer.put(chunk.image_offset, chunk.data)?;
+    }
+    // Skipping the last run also runs the end-of-bundle checks (nothing trails the payload).
+    reader.skip_chunks(pending_skip, |r, n| r.skip_ahead(n, None))?;
+    Ok(fallbacks)
 }
 
 /// Reads back each flushed region in order and returns the SHA-256 of everything read.
@@ -721,7 +942,7 @@ pub fn write_sentinel(path: &Path, slot: &str, version: &str) -> io::Result<()> 
 /// and the default [`crate::http::FetchOptions`]; see [`crate::http`]), a block device (read up
 /// to the bundle's own declared length, so a bundle on a raw disk may be followed by padding),
 /// or a file.
-pub fn open_bundle_source(path: &Path) -> Result<Box<dyn Read + Send>, BundleError> {
+pub fn open_bundle_source(path: &Path) -> Result<Box<dyn BundleSource>, BundleError> {
     use std::os::unix::fs::FileTypeExt;
     if let Some(url) = path.to_str().filter(|s| crate::http::is_url(s)) {
         let fetch_err = |e| BundleError::Io {
@@ -732,7 +953,10 @@ pub fn open_bundle_source(path: &Path) -> Result<Box<dyn Read + Send>, BundleErr
         let source = fetcher
             .open(url, 0, Default::default())
             .map_err(fetch_err)?;
-        return Ok(Box::new(io::BufReader::with_capacity(1 << 20, source)));
+        return Ok(Box::new(io::BufReader::with_capacity(
+            crate::http::STREAM_BUFFER,
+            source,
+        )));
     }
     if path == Path::new("-") {
         return Ok(Box::new(io::BufReader::with_capacity(1 << 20, io::stdin())));

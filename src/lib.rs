@@ -13,6 +13,7 @@
 //! - [`commit`]: the post-boot health commit and manual slot operations.
 //! - [`exit`]: the CLI's documented exit codes.
 //! - [`install`]: the verified streaming install pipeline.
+//! - [`adaptive`]: adaptive installs that copy unchanged chunks from the running slot.
 //! - [`slotio`]: bounded, direct I/O on the target slot.
 //! - [`bundle`]: the signed, chunked, zstd-compressed update bundle format.
 //! - [`sys`]: the only module with `unsafe` (ioctls, flock, aligned buffers).
@@ -20,6 +21,7 @@
 //! - [`channel`]: the signed update channel index, update decisions and the download cache.
 //! - [`config`]: the `/etc/abupdate.toml` configuration file.
 
+pub mod adaptive;
 pub mod attrs;
 pub mod blockdev;
 pub mod boot;

@@ -1,7 +1,6 @@
 //! The `abupdate` command line: a thin layer over the library. Errors become one line on
 //! stderr and an exit code from the table in README.md.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -13,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use abupdate::blockdev::FileDevice;
 use abupdate::bundle::cli_support::parse_size;
-use abupdate::bundle::Keyring;
+use abupdate::bundle::{BundleSource, Keyring};
 use abupdate::channel::{Found, SlotView, Verdict};
 use abupdate::config::{parse_duration, Loaded, RebootPolicy, Strategy};
 use abupdate::exit::Exit;
@@ -235,6 +234,11 @@ enum Command {
         /// The running slot, when it cannot be detected (default: the slot that boots next).
         #[arg(long)]
         running: Option<String>,
+        /// Adaptive install: copy every chunk the running slot already holds (found by its
+        /// signed hash) instead of reading it from the bundle; a download skips those bytes
+        /// with Range requests [config: adaptive].
+        #[arg(long)]
+        adaptive: bool,
         #[command(flatten)]
         reboot: RebootFlags,
         #[command(flatten)]
@@ -271,6 +275,10 @@ enum Command {
         /// Tries given to the new slot before it falls back [default: 3] [config: tries].
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=15))]
         tries: Option<u8>,
+        /// Adaptive install: download only the chunks the running slot does not already
+        /// hold (see `install --adaptive`) [config: adaptive].
+        #[arg(long)]
+        adaptive: bool,
         #[command(flatten)]
         reboot: RebootFlags,
         #[command(flatten)]
@@ -720,6 +728,20 @@ fn show_install_event(event: abupdate::install::InstallEvent, json: bool, progre
             running_source,
             target,
         } => eprintln!("running slot {running} (from {running_source}); target {target}"),
+        E::AdaptivePlan {
+            running,
+            bytes_hashed,
+            index_seconds,
+            summary,
+        } => eprintln!(
+            "adaptive: hashed {} MiB of {running} in {index_seconds:.2} s; {} of {} chunks ({} MiB) found there, {} MiB of the bundle's payload still to read, {} MiB skipped",
+            bytes_hashed >> 20,
+            summary.reused_chunks,
+            summary.chunks,
+            summary.reused_bytes >> 20,
+            mib(summary.bundle_bytes),
+            mib(summary.skipped_bundle_bytes),
+        ),
         E::TargetInvalidated {
             target,
             path,
@@ -746,7 +768,7 @@ fn show_install_event(event: abupdate::install::InstallEvent, json: bool, progre
 /// Runs the install pipeline with progress output.
 fn run_install(
     disk: &mut AbDisk<FileDevice>,
-    source: Box<dyn Read + Send>,
+    source: Box<dyn BundleSource>,
     keyring: &Keyring,
     options: &InstallOptions,
     cancel: &AtomicBool,
@@ -771,12 +793,27 @@ fn print_installed(report: &InstallReport, fetch: Option<FetchSummary>, json: bo
         "installed {} into {} ({} bytes in {:.2} s: write {:.2} s, flush + verify {:.2} s); reboot to try it",
         report.version, report.target, report.image_size, report.total_seconds, report.write_seconds, report.verify_seconds
     );
-    if let Some(f) = fetch {
+    if let Some(a) = report.adaptive {
         println!(
-            "fetched {} bytes in {} requests: {} retries, {} responses ignored Range ({} bytes re-sent)",
-            f.bytes, f.requests, f.retries, f.range_ignored, f.discarded
+            "adaptive: {} of {} chunks copied from {} ({} bytes), {} fell back to the bundle",
+            a.planned.reused_chunks - a.fallbacks,
+            a.planned.chunks,
+            report.running,
+            a.planned.reused_bytes,
+            a.fallbacks
         );
     }
+    if let Some(f) = fetch {
+        println!(
+            "fetched {} bytes in {} requests: {} retries, {} responses ignored Range ({} bytes re-sent), {} bytes skipped",
+            f.bytes, f.requests, f.retries, f.range_ignored, f.discarded, f.skipped
+        );
+    }
+}
+
+/// Bytes as MiB with one decimal, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 20) as f64)
 }
 
 fn reboot_now() -> Result<()> {
@@ -790,9 +827,12 @@ fn open_url_source(
     fetcher: &Fetcher,
     url: &str,
     expected: Expected,
-) -> Result<Box<dyn Read + Send>> {
+) -> Result<Box<dyn BundleSource>> {
     let source = fetcher.open(url, 0, expected)?;
-    Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, source)))
+    Ok(Box::new(std::io::BufReader::with_capacity(
+        abupdate::http::STREAM_BUFFER,
+        source,
+    )))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1027,6 +1067,7 @@ struct UpdateSettings {
     strategy: Strategy,
     cache_dir: PathBuf,
     tries: u8,
+    adaptive: bool,
     policy: RebootPolicy,
     sentinel: Option<PathBuf>,
     fetch: FetchOptions,
@@ -1142,6 +1183,7 @@ fn update_cmd(
         running: Some(node.views[node.running].name.clone()),
         sentinel: s.sentinel.clone(),
         workers: 0,
+        adaptive: s.adaptive,
     };
     let mut disk = open_disk_locked(args)?;
     let installed = if let Some(path) = abupdate::channel::cached_bundle(&s.cache_dir, index) {
@@ -1409,6 +1451,7 @@ fn run(cli: Cli) -> Result<()> {
             compatible,
             allow_downgrade,
             running,
+            adaptive,
             reboot,
             fetch,
             json,
@@ -1419,6 +1462,7 @@ fn run(cli: Cli) -> Result<()> {
                 allow_downgrade,
                 compatible: compatible.or_else(|| c.compatible.clone()),
                 running,
+                adaptive: adaptive || c.adaptive.unwrap_or(false),
                 ..Default::default()
             };
             let (policy, sentinel) = reboot_settings(&reboot, cfg);
@@ -1451,6 +1495,7 @@ fn run(cli: Cli) -> Result<()> {
             strategy,
             cache_dir,
             tries,
+            adaptive,
             reboot,
             fetch,
             json,
@@ -1477,6 +1522,7 @@ fn run(cli: Cli) -> Result<()> {
                     .or_else(|| c.cache_dir.clone())
                     .unwrap_or_else(|| PathBuf::from(abupdate::channel::DEFAULT_CACHE_DIR)),
                 tries: tries.or(c.tries).unwrap_or(abupdate::select::DEFAULT_TRIES),
+                adaptive: adaptive || c.adaptive.unwrap_or(false),
                 policy,
                 sentinel,
                 fetch: fetch_options(&fetch, cfg),

@@ -44,6 +44,66 @@ pub trait SlotBacking: BlockDevice {
     /// The path and whether it is a block device, when the disk is a real one (used to find
     /// the running slot on a live system).
     fn location(&self) -> Option<(&Path, bool)>;
+    /// A read-only view of bytes `offset..offset+len` of the disk (the running slot, for an
+    /// adaptive install), owned and independent of this device, so it can be read while a
+    /// slot is open for writing. It can only read: nothing through it can change the slot.
+    fn read_only_view(&mut self, offset: u64, len: u64) -> io::Result<Box<dyn ReadOnlyView>>;
+}
+
+/// Read access to one byte range of a disk ([`SlotBacking::read_only_view`]).
+pub trait ReadOnlyView: Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset` within the range.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Length of the range.
+    fn len(&self) -> u64;
+    /// Whether the range is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn out_of_view(offset: u64, want: usize, len: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("read of {want} bytes at {offset} is outside the {len}-byte view"),
+    )
+}
+
+/// A byte range of a disk opened read-only (`O_RDONLY`).
+struct FileView {
+    file: File,
+    base: u64,
+    len: u64,
+}
+
+impl ReadOnlyView for FileView {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if offset.saturating_add(buf.len() as u64) > self.len {
+            return Err(out_of_view(offset, buf.len(), self.len));
+        }
+        self.file.read_exact_at(buf, self.base + offset)
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// A copy of a byte range of an in-process device.
+struct CopiedView(Vec<u8>);
+
+impl ReadOnlyView for CopiedView {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let bytes = start
+            .checked_add(buf.len())
+            .and_then(|end| self.0.get(start..end))
+            .ok_or_else(|| out_of_view(offset, buf.len(), self.0.len() as u64))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
+    fn len(&self) -> u64 {
+        self.0.len() as u64
+    }
 }
 
 impl SlotBacking for FileDevice {
@@ -66,6 +126,17 @@ impl SlotBacking for FileDevice {
     }
     fn location(&self) -> Option<(&Path, bool)> {
         Some((self.path(), self.is_block_device()))
+    }
+    fn read_only_view(&mut self, offset: u64, len: u64) -> io::Result<Box<dyn ReadOnlyView>> {
+        if offset.saturating_add(len) > self.len() {
+            return Err(out_of_view(offset, 0, self.len()));
+        }
+        let file = File::open(self.path())?;
+        Ok(Box::new(FileView {
+            file,
+            base: offset,
+            len,
+        }))
     }
 }
 
@@ -152,6 +223,13 @@ impl<D: InProcessDevice> SlotBacking for D {
     }
     fn location(&self) -> Option<(&Path, bool)> {
         None
+    }
+    fn read_only_view(&mut self, offset: u64, len: u64) -> io::Result<Box<dyn ReadOnlyView>> {
+        let len_usize = usize::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "view too large"))?;
+        let mut bytes = vec![0u8; len_usize];
+        self.read_at(&mut bytes, offset)?;
+        Ok(Box::new(CopiedView(bytes)))
     }
 }
 

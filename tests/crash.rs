@@ -78,10 +78,12 @@ fn install_bundle<D: abupdate::slotio::SlotBacking>(
     disk: &mut AbDisk<D>,
     bundle: &Path,
     keyring: &Keyring,
+    adaptive: bool,
 ) -> Result<abupdate::install::InstallReport, abupdate::install::InstallError> {
     let options = InstallOptions {
         compatible: Some("crash".into()),
         sentinel: None,
+        adaptive,
         ..Default::default()
     };
     install(
@@ -206,6 +208,17 @@ fn check_with_tools(dir: &Path, data: &[u8], expected: &[SlotAttributes], what: 
 
 #[test]
 fn power_cut_at_every_write_of_an_install() {
+    cut_every_write_of_an_install(false);
+}
+
+/// The same for an adaptive install, whose image is mostly ROOT-A's bytes: the copies from
+/// the running slot go through the same writes, flushes and read-back.
+#[test]
+fn power_cut_at_every_write_of_an_adaptive_install() {
+    cut_every_write_of_an_install(true);
+}
+
+fn cut_every_write_of_an_install(adaptive: bool) {
     if !have_gpt_tools() {
         return;
     }
@@ -215,7 +228,15 @@ fn power_cut_at_every_write_of_an_install() {
     let a_hash = sha(&base.data[ranges[0].0..ranges[0].0 + ranges[0].1]);
 
     let image = dir.path().join("v2.img");
-    make_image(&image, 300 * 1024 + 17, 42);
+    let image_len = 300 * 1024 + 17;
+    if adaptive {
+        // ROOT-A's bytes with chunk 2 (of 64 KiB chunks) changed.
+        let mut bytes = base.data[ranges[0].0..ranges[0].0 + image_len].to_vec();
+        bytes[2 * 65536 + 100] ^= 0x5a;
+        std::fs::write(&image, bytes).unwrap();
+    } else {
+        make_image(&image, image_len, 42);
+    }
     let image_bytes = std::fs::read(&image).unwrap();
     let bundle = dir.path().join("v2.abup");
     abupdate_ok(&[
@@ -252,8 +273,16 @@ fn power_cut_at_every_write_of_an_install() {
 
     let rec = RecordingDevice::new(base.clone());
     let mut disk = AbDisk::open(rec, "recording", &labels()).unwrap();
-    let report = install_bundle(&mut disk, &bundle, &keyring).unwrap();
+    let report = install_bundle(&mut disk, &bundle, &keyring, adaptive).unwrap();
     assert_eq!(report.target, "ROOT-B");
+    if adaptive {
+        // 5 chunks: 0, 1, 3 and the short tail 4 come from ROOT-A; 2 changed.
+        let a = report.adaptive.expect("adaptive outcome");
+        assert_eq!(
+            (a.planned.chunks, a.planned.reused_chunks, a.fallbacks),
+            (5, 4, 0)
+        );
+    }
     let ops = disk.dev.log.clone();
     let writes = ops
         .iter()
@@ -303,7 +332,8 @@ fn power_cut_at_every_write_of_an_install() {
         "the cut points must cover both outcomes"
     );
     println!(
-        "install: {} writes, {flushes} flushes, {} crash states explored ({booted_old} boot ROOT-A, {booted_new} boot the verified ROOT-B)",
+        "{}install: {} writes, {flushes} flushes, {} crash states explored ({booted_old} boot ROOT-A, {booted_new} boot the verified ROOT-B)",
+        if adaptive { "adaptive " } else { "" },
         writes,
         states.len()
     );
@@ -426,22 +456,8 @@ impl BlockDevice for LyingDisk {
     }
 }
 
-impl abupdate::slotio::SlotBacking for LyingDisk {
-    fn open_slot(
-        &mut self,
-        _slot: &str,
-        _partition: u32,
-        offset: u64,
-        len: u64,
-    ) -> Result<Box<dyn abupdate::slotio::SlotIo + '_>, abupdate::slotio::SlotIoError> {
-        Ok(Box::new(abupdate::slotio::DeviceSlot::new(
-            self, offset, len,
-        )))
-    }
-    fn location(&self) -> Option<(&Path, bool)> {
-        None
-    }
-}
+// A slot of an in-process device is a byte range of it (the library's blanket impl).
+impl abupdate::slotio::InProcessDevice for LyingDisk {}
 
 #[test]
 fn a_disk_that_corrupts_writes_is_caught_by_the_read_back() {
@@ -458,7 +474,7 @@ fn a_disk_that_corrupts_writes_is_caught_by_the_read_back() {
         corrupt_at: ranges[1].0 as u64 + 150 * 1024,
     };
     let mut disk = AbDisk::open(lying, "lying", &labels()).unwrap();
-    let err = install_bundle(&mut disk, &bundle, &keyring).unwrap_err();
+    let err = install_bundle(&mut disk, &bundle, &keyring, false).unwrap_err();
     assert!(
         matches!(
             err,
@@ -475,4 +491,102 @@ fn a_disk_that_corrupts_writes_is_caught_by_the_read_back() {
         select::next_slot(&[slots[0].attrs, slots[1].attrs]),
         Some(0)
     );
+}
+
+/// A running slot whose bytes change between the adaptive install's hashing and its copy
+/// (the view returns one corrupted read after the index was built).
+struct ShiftingRunning {
+    inner: MemDevice,
+}
+
+impl BlockDevice for ShiftingRunning {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The first read of an offset already read once (the copy after the hashing) comes back
+/// with one bit flipped.
+struct ShiftingView {
+    bytes: Vec<u8>,
+    seen: std::sync::Mutex<(BTreeSet<u64>, bool)>,
+}
+
+impl abupdate::slotio::ReadOnlyView for ShiftingView {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        buf.copy_from_slice(&self.bytes[offset as usize..offset as usize + buf.len()]);
+        let mut seen = self.seen.lock().unwrap();
+        if !seen.0.insert(offset) && !seen.1 {
+            seen.1 = true;
+            buf[0] ^= 1;
+        }
+        Ok(())
+    }
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+}
+
+impl abupdate::slotio::SlotBacking for ShiftingRunning {
+    fn open_slot(
+        &mut self,
+        _slot: &str,
+        _partition: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn abupdate::slotio::SlotIo + '_>, abupdate::slotio::SlotIoError> {
+        Ok(Box::new(abupdate::slotio::DeviceSlot::new(
+            self, offset, len,
+        )))
+    }
+    fn location(&self) -> Option<(&Path, bool)> {
+        None
+    }
+    fn read_only_view(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<Box<dyn abupdate::slotio::ReadOnlyView>> {
+        let mut bytes = vec![0u8; len as usize];
+        self.inner.read_at(&mut bytes, offset)?;
+        Ok(Box::new(ShiftingView {
+            bytes,
+            seen: Default::default(),
+        }))
+    }
+}
+
+/// A planned copy whose bytes no longer match their signed hash is not written: the chunk
+/// comes from the bundle instead, and the slot still verifies.
+#[test]
+fn adaptive_copy_that_changed_since_hashing_falls_back_to_the_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_disk(dir.path());
+    let ranges = slot_ranges(&base);
+    // v2 is exactly ROOT-A's first 200 KiB: the whole image is planned as a copy.
+    let image_bytes = base.data[ranges[0].0..ranges[0].0 + 200 * 1024].to_vec();
+    let image = dir.path().join("v2.img");
+    std::fs::write(&image, &image_bytes).unwrap();
+    let bundle = dir.path().join("v2.abup");
+    make_bundle(&image, "2", "crash", &bundle);
+    let keyring = Keyring::load(&test_pubkey()).unwrap();
+    let mut disk = AbDisk::open(ShiftingRunning { inner: base }, "shifting", &labels()).unwrap();
+    let report = install_bundle(&mut disk, &bundle, &keyring, true).unwrap();
+    let a = report.adaptive.expect("adaptive outcome");
+    assert_eq!((a.planned.chunks, a.planned.reused_chunks), (1, 1));
+    assert_eq!(a.fallbacks, 1, "the changed copy must not be used");
+    let b = &disk.dev.inner.data[ranges[1].0..ranges[1].0 + image_bytes.len()];
+    assert_eq!(b, &image_bytes[..]);
 }

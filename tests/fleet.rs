@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use sha2::{Digest, Sha256};
 
 // ---------------------------------------------------------------------------------------------
 // The test server.
@@ -47,6 +48,8 @@ struct Logged {
     method: String,
     path: String,
     range_start: Option<u64>,
+    /// Last byte of a closed range.
+    range_last: Option<u64>,
 }
 
 #[derive(Default)]
@@ -147,6 +150,7 @@ fn handle(stream: TcpStream, st: &Mutex<State>) {
             method: method.clone(),
             path: target.clone(),
             range_start: None,
+            range_last: None,
         });
         let _ = out.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
         let Some(next) = read_request(&mut reader) else {
@@ -160,17 +164,28 @@ fn handle(stream: TcpStream, st: &Mutex<State>) {
             .map_or("/".to_string(), |j| target[i + 3 + j..].to_string()),
         None => target.clone(),
     };
-    let range_start = headers
+    // "bytes=START-" or "bytes=START-LAST" (LAST inclusive), as nginx takes them.
+    let range = headers
         .get("range")
         .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|r| r.parse::<u64>().ok());
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| {
+            let last = if b.is_empty() {
+                None
+            } else {
+                Some(b.parse::<u64>().ok()?)
+            };
+            Some((a.parse::<u64>().ok()?, last))
+        });
+    let range_start = range.map(|(a, _)| a);
+    let range_last = range.and_then(|(_, b)| b);
     let (file, redirect, behavior) = {
         let mut s = st.lock().unwrap();
         s.log.push(Logged {
             method,
             path: path.clone(),
             range_start,
+            range_last,
         });
         let file = s.files.get(&path).cloned();
         let redirect = s.redirects.get(&path).cloned();
@@ -206,7 +221,11 @@ fn handle(stream: TcpStream, st: &Mutex<State>) {
     if start >= len {
         return respond(&mut out, 416, &format!("Content-Range: bytes */{len}\r\n"));
     }
-    let declared = ((len - start) as i64 + b.length_delta).max(0) as u64;
+    let last = match range_last {
+        Some(l) if !b.ignore_range => l.min(len - 1),
+        _ => len - 1,
+    };
+    let declared = ((last + 1 - start) as i64 + b.length_delta).max(0) as u64;
     let send_end = len.min(start + declared);
     let cut = {
         let mut s = st.lock().unwrap();
@@ -221,11 +240,10 @@ fn handle(stream: TcpStream, st: &Mutex<State>) {
     };
     b.cuts.clear();
     let end = cut.unwrap_or(send_end);
+    let send_end = send_end.min(last + 1);
+    let end = end.min(send_end);
     let status_line = if range_start.is_some() && !b.ignore_range {
-        format!(
-            "206 Partial Content\r\nContent-Range: bytes {start}-{}/{len}",
-            len - 1
-        )
+        format!("206 Partial Content\r\nContent-Range: bytes {start}-{last}/{len}")
     } else {
         "200 OK".to_string()
     };
@@ -1153,4 +1171,200 @@ fn strategy_off_and_download_only() {
     n.assert_installed();
     assert_eq!(srv.requests_for("/stable/v2.abup").len(), 1);
     assert!(!cached.exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adaptive installs.
+
+/// A disk seeded with v1 (64 KiB chunks) and a v2 bundle that differs in chunks 5 and 20 and
+/// in its (longer) tail: 33 chunks, 30 of them in the running slot.
+struct AdaptiveNode {
+    _dir: tempfile::TempDir,
+    disk: String,
+    image: Vec<u8>,
+    bundle_path: PathBuf,
+    running_hash: String,
+}
+
+fn bundle_64k(image: &Path, version: &str, out: &Path) {
+    abupdate_ok(&[
+        "bundle",
+        "create",
+        "--image",
+        image.to_str().unwrap(),
+        "--key",
+        test_key().to_str().unwrap(),
+        "--version",
+        version,
+        "--compatible",
+        "test-board",
+        "--out",
+        out.to_str().unwrap(),
+        "--chunk-size",
+        "64K",
+    ]);
+}
+
+fn adaptive_node() -> AdaptiveNode {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let v1 = d.join("v1.img");
+    make_image(&v1, 2 * 1024 * 1024 + 777, 1);
+    let v1b = d.join("v1.abup");
+    bundle_64k(&v1, "1.0", &v1b);
+    let disk = d.join("disk.img").display().to_string();
+    abupdate_ok(&[
+        "disk",
+        "init",
+        &disk,
+        "--slot-size",
+        "8M",
+        "--seed",
+        v1b.to_str().unwrap(),
+        "--keyring",
+        test_pubkey().to_str().unwrap(),
+    ]);
+    let mut image = std::fs::read(&v1).unwrap();
+    image[5 * 65536 + 10] ^= 1;
+    image[20 * 65536] ^= 1;
+    image.extend(std::iter::repeat_n(7u8, 10_000));
+    let v2 = d.join("v2.img");
+    std::fs::write(&v2, &image).unwrap();
+    let bundle_path = d.join("v2.abup");
+    bundle_64k(&v2, "2.0", &bundle_path);
+    let (a_off, a_len) = partition_range(&disk, 1);
+    AdaptiveNode {
+        running_hash: sha256_range(Path::new(&disk), a_off, a_len),
+        _dir: dir,
+        disk,
+        image,
+        bundle_path,
+    }
+}
+
+impl AdaptiveNode {
+    /// Checks a successful adaptive install: ROOT-B holds v2 and boots next, ROOT-A is
+    /// unchanged, 30 of 33 chunks were copied; returns the `done` event.
+    fn assert_installed(&self, out: &Output) -> serde_json::Value {
+        assert!(out.status.success(), "{}", text(out));
+        let (b_off, _) = partition_range(&self.disk, 2);
+        let (a_off, a_len) = partition_range(&self.disk, 1);
+        let got = sha256_range(Path::new(&self.disk), b_off, self.image.len() as u64);
+        let want = hex::encode(Sha256::digest(&self.image));
+        assert_eq!(got, want, "slot B content");
+        assert_eq!(
+            sha256_range(Path::new(&self.disk), a_off, a_len),
+            self.running_hash,
+            "running slot changed"
+        );
+        assert_eq!(cgpt_fields(&self.disk, 2), (2, 3, false));
+        assert_sgdisk_clean(&self.disk);
+        let done = done_event(out);
+        let a = &done["report"]["adaptive"];
+        assert_eq!(a["chunks"], 33, "{done}");
+        assert_eq!(a["reused_chunks"], 30, "{done}");
+        assert_eq!(a["fallbacks"], 0, "{done}");
+        done
+    }
+}
+
+/// Over HTTP the frames of reused chunks are never downloaded: each run of needed frames is
+/// fetched with its own Range request.
+#[test]
+fn adaptive_install_downloads_only_the_chunks_the_running_slot_lacks() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = adaptive_node();
+    let bundle = std::fs::read(&n.bundle_path).unwrap();
+    let srv = Server::start();
+    srv.put("/v2.abup", bundle.clone());
+    let pubkey = test_pubkey();
+    let out = abu(&[
+        "install",
+        &srv.url("/v2.abup"),
+        "--disk",
+        &n.disk,
+        "--keyring",
+        pubkey.to_str().unwrap(),
+        "--no-sentinel",
+        "--adaptive",
+        "--json",
+    ]);
+    let done = n.assert_installed(&out);
+    let fetch = &done["fetch"];
+    let fetched = fetch["bytes"].as_u64().unwrap();
+    let skipped = fetch["skipped"].as_u64().unwrap();
+    // What is fetched, at most: the header and chunks 0-5 on the first connection (the
+    // frames before chunk 5 are a gap small enough to read through), one read buffer
+    // beyond that (STREAM_BUFFER, 64 KiB), then just chunk 20 and the tail (chunk 32).
+    let info: serde_json::Value = serde_json::from_str(&abupdate_ok(&[
+        "bundle",
+        "info",
+        n.bundle_path.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let frame = |i: usize| {
+        info["header"]["chunks"][i]["compressed_len"]
+            .as_u64()
+            .unwrap()
+    };
+    let first_connection = info["header_len"].as_u64().unwrap() + (0..=5).map(frame).sum::<u64>();
+    let bound = first_connection + 64 * 1024 + frame(20) + frame(32);
+    assert!(
+        fetched <= bound && fetched < bundle.len() as u64 * 2 / 5,
+        "fetched {fetched} of {} bytes (bound {bound})",
+        bundle.len()
+    );
+    assert!(skipped > bundle.len() as u64 / 2, "{fetch}");
+    // The whole bundle from byte 0, then one closed Range request for chunk 20 and one for
+    // the tail (chunk 32), each after a gap larger than the read-through limit.
+    let requests = srv.requests_for("/v2.abup");
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    assert_eq!(requests[0].range_start, None);
+    for r in &requests[1..] {
+        let (start, last) = (r.range_start.unwrap(), r.range_last.unwrap());
+        assert!(last - start < 128 * 1024, "{r:?}");
+    }
+    assert_eq!(requests[2].range_last, Some(bundle.len() as u64 - 1));
+    println!(
+        "adaptive download: {fetched} of {} bundle bytes fetched, {skipped} skipped, {} requests",
+        bundle.len(),
+        requests.len()
+    );
+}
+
+/// From a file the reused frames are seeked over; from a pipe they are read and dropped;
+/// both give the same verified slot.
+#[test]
+fn adaptive_install_from_a_file_and_from_stdin() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let pubkey = test_pubkey();
+    for from_stdin in [false, true] {
+        let n = adaptive_node();
+        let source = if from_stdin {
+            "-".to_string()
+        } else {
+            n.bundle_path.display().to_string()
+        };
+        let mut cmd = Command::new(bin());
+        cmd.args([
+            "install",
+            &source,
+            "--disk",
+            &n.disk,
+            "--keyring",
+            pubkey.to_str().unwrap(),
+            "--no-sentinel",
+            "--adaptive",
+            "--json",
+        ]);
+        if from_stdin {
+            cmd.stdin(std::fs::File::open(&n.bundle_path).unwrap());
+        }
+        n.assert_installed(&cmd.output().unwrap());
+    }
 }

@@ -27,6 +27,7 @@ pub mod error;
 pub mod format;
 pub mod keys;
 pub mod reader;
+pub mod source;
 pub mod writer;
 
 pub use error::{BundleError, KeyError, Section};
@@ -36,4 +37,5 @@ pub use format::{
 };
 pub use keys::{KeyId, Keyring};
 pub use reader::{BundleReader, ChunkDecoder, VerifiedChunk};
+pub use source::BundleSource;
 pub use writer::{create_bundle, create_bundle_with_options, CreateOptions};

@@ -328,6 +328,12 @@ impl<R: Read> BundleReader<R> {
         self.image_hasher = None;
     }
 
+    /// The underlying reader, to ask about its capabilities (reading from it directly would
+    /// desynchronise the chunk positions, which is why this is not `&mut`).
+    pub fn source(&self) -> &R {
+        &self.inner
+    }
+
     /// Gives the underlying reader back.
     pub fn into_inner(self) -> R {
         self.inner
@@ -367,6 +373,72 @@ impl<R: Read> BundleReader<R> {
                 Err(e)
             }
         }
+    }
+
+    /// Moves past the next `count` chunks without reading their frames: `skip` is called
+    /// once to advance the underlying reader by their total length
+    /// ([`crate::bundle::BundleSource::skip_ahead`]; one call, so a download makes one new
+    /// request for a whole run). For a caller that has those chunks' bytes from elsewhere and
+    /// checks them against the same signed chunk hashes ([`BundleHeader::chunks`]), as an
+    /// adaptive install does. The stream's whole-image hash cannot cover skipped chunks, so it
+    /// is turned off: the caller must check the whole image another way (the install reads
+    /// the slot back).
+    pub fn skip_chunks(
+        &mut self,
+        count: u32,
+        skip: impl FnOnce(&mut R, u64) -> io::Result<()>,
+    ) -> Result<(), BundleError> {
+        if self.failed {
+            return Err(BundleError::ReaderFailed);
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let first = self.next_index;
+        let header = self.verified.header();
+        let total = header.chunk_count();
+        let end = first.checked_add(count).filter(|&e| e <= total).ok_or(
+            BundleError::ChunkIndexOutOfRange {
+                index: first.saturating_add(count - 1),
+                count: total,
+            },
+        )?;
+        let bytes: u64 = header.chunks[first as usize..end as usize]
+            .iter()
+            .map(|c| u64::from(c.compressed_len))
+            .sum();
+        self.image_hasher = None;
+        let result = skip(&mut self.inner, bytes).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                BundleError::Truncated {
+                    section: Section::Chunk(first),
+                    offset: self.position,
+                }
+            } else {
+                BundleError::io(
+                    format!(
+                        "skipping {} chunk(s) from {} at bundle offset {}",
+                        count,
+                        Section::Chunk(first),
+                        self.position
+                    ),
+                    e,
+                )
+            }
+        });
+        if let Err(e) = result {
+            self.failed = true;
+            return Err(e);
+        }
+        self.position += bytes;
+        self.next_index = end;
+        if end == total {
+            if let Err(e) = self.finish() {
+                self.failed = true;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Reads, decodes and verifies the next chunk into `self.chunk`;
