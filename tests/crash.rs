@@ -239,22 +239,7 @@ fn cut_every_write_of_an_install(adaptive: bool) {
     }
     let image_bytes = std::fs::read(&image).unwrap();
     let bundle = dir.path().join("v2.abup");
-    abupdate_ok(&[
-        "bundle",
-        "create",
-        "--image",
-        image.to_str().unwrap(),
-        "--key",
-        test_key().to_str().unwrap(),
-        "--version",
-        "2",
-        "--compatible",
-        "crash",
-        "--out",
-        bundle.to_str().unwrap(),
-        "--chunk-size",
-        "64K",
-    ]);
+    make_bundle_chunked(&image, "2", "crash", &bundle, "64K");
     let keyring = Keyring::load(&test_pubkey()).unwrap();
 
     // ROOT-B holds an older good image (P1 T0 S1): the install must take it out of the boot
@@ -427,11 +412,13 @@ fn power_cut_at_every_write_of_attribute_operations() {
     );
 }
 
-/// A disk that silently corrupts one byte of what it is given: the read-back must catch it,
-/// and the slot must stay unbootable.
+/// A disk that silently corrupts one byte of what it is given at `corrupt_at` (the
+/// read-back must catch it, and the slot must stay unbootable), and with `shifting_view`
+/// hands out read-only views whose bytes change after the first read ([`ShiftingView`]).
 struct LyingDisk {
     inner: MemDevice,
     corrupt_at: u64,
+    shifting_view: bool,
 }
 
 impl BlockDevice for LyingDisk {
@@ -456,8 +443,38 @@ impl BlockDevice for LyingDisk {
     }
 }
 
-// A slot of an in-process device is a byte range of it (the library's blanket impl).
-impl abupdate::slotio::InProcessDevice for LyingDisk {}
+impl abupdate::slotio::SlotBacking for LyingDisk {
+    fn open_slot(
+        &mut self,
+        _slot: &str,
+        _partition: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn abupdate::slotio::SlotIo + '_>, abupdate::slotio::SlotIoError> {
+        Ok(Box::new(abupdate::slotio::DeviceSlot::new(
+            self, offset, len,
+        )))
+    }
+    fn location(&self) -> Option<(&Path, bool)> {
+        None
+    }
+    fn read_only_view(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<Box<dyn abupdate::slotio::ReadOnlyView>> {
+        let view = self.inner.read_only_view(offset, len)?;
+        if !self.shifting_view {
+            return Ok(view);
+        }
+        let mut bytes = vec![0u8; len as usize];
+        view.read_at(&mut bytes, 0)?;
+        Ok(Box::new(ShiftingView {
+            bytes,
+            seen: Default::default(),
+        }))
+    }
+}
 
 #[test]
 fn a_disk_that_corrupts_writes_is_caught_by_the_read_back() {
@@ -472,6 +489,7 @@ fn a_disk_that_corrupts_writes_is_caught_by_the_read_back() {
     let lying = LyingDisk {
         inner: base,
         corrupt_at: ranges[1].0 as u64 + 150 * 1024,
+        shifting_view: false,
     };
     let mut disk = AbDisk::open(lying, "lying", &labels()).unwrap();
     let err = install_bundle(&mut disk, &bundle, &keyring, false).unwrap_err();
@@ -493,32 +511,9 @@ fn a_disk_that_corrupts_writes_is_caught_by_the_read_back() {
     );
 }
 
-/// A running slot whose bytes change between the adaptive install's hashing and its copy
-/// (the view returns one corrupted read after the index was built).
-struct ShiftingRunning {
-    inner: MemDevice,
-}
-
-impl BlockDevice for ShiftingRunning {
-    fn sector_size(&self) -> u32 {
-        self.inner.sector_size()
-    }
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The first read of an offset already read once (the copy after the hashing) comes back
-/// with one bit flipped.
+/// with one bit flipped: a running slot whose bytes changed after the adaptive install
+/// hashed them.
 struct ShiftingView {
     bytes: Vec<u8>,
     seen: std::sync::Mutex<(BTreeSet<u64>, bool)>,
@@ -539,35 +534,6 @@ impl abupdate::slotio::ReadOnlyView for ShiftingView {
     }
 }
 
-impl abupdate::slotio::SlotBacking for ShiftingRunning {
-    fn open_slot(
-        &mut self,
-        _slot: &str,
-        _partition: u32,
-        offset: u64,
-        len: u64,
-    ) -> Result<Box<dyn abupdate::slotio::SlotIo + '_>, abupdate::slotio::SlotIoError> {
-        Ok(Box::new(abupdate::slotio::DeviceSlot::new(
-            self, offset, len,
-        )))
-    }
-    fn location(&self) -> Option<(&Path, bool)> {
-        None
-    }
-    fn read_only_view(
-        &mut self,
-        offset: u64,
-        len: u64,
-    ) -> std::io::Result<Box<dyn abupdate::slotio::ReadOnlyView>> {
-        let mut bytes = vec![0u8; len as usize];
-        self.inner.read_at(&mut bytes, offset)?;
-        Ok(Box::new(ShiftingView {
-            bytes,
-            seen: Default::default(),
-        }))
-    }
-}
-
 /// A planned copy whose bytes no longer match their signed hash is not written: the chunk
 /// comes from the bundle instead, and the slot still verifies.
 #[test]
@@ -582,7 +548,12 @@ fn adaptive_copy_that_changed_since_hashing_falls_back_to_the_bundle() {
     let bundle = dir.path().join("v2.abup");
     make_bundle(&image, "2", "crash", &bundle);
     let keyring = Keyring::load(&test_pubkey()).unwrap();
-    let mut disk = AbDisk::open(ShiftingRunning { inner: base }, "shifting", &labels()).unwrap();
+    let faulty = LyingDisk {
+        inner: base,
+        corrupt_at: u64::MAX,
+        shifting_view: true,
+    };
+    let mut disk = AbDisk::open(faulty, "shifting", &labels()).unwrap();
     let report = install_bundle(&mut disk, &bundle, &keyring, true).unwrap();
     let a = report.adaptive.expect("adaptive outcome");
     assert_eq!((a.planned.chunks, a.planned.reused_chunks), (1, 1));

@@ -1187,22 +1187,7 @@ struct AdaptiveNode {
 }
 
 fn bundle_64k(image: &Path, version: &str, out: &Path) {
-    abupdate_ok(&[
-        "bundle",
-        "create",
-        "--image",
-        image.to_str().unwrap(),
-        "--key",
-        test_key().to_str().unwrap(),
-        "--version",
-        version,
-        "--compatible",
-        "test-board",
-        "--out",
-        out.to_str().unwrap(),
-        "--chunk-size",
-        "64K",
-    ]);
+    make_bundle_chunked(image, version, "test-board", out, "64K");
 }
 
 fn adaptive_node() -> AdaptiveNode {
@@ -1279,18 +1264,10 @@ fn adaptive_install_downloads_only_the_chunks_the_running_slot_lacks() {
     let bundle = std::fs::read(&n.bundle_path).unwrap();
     let srv = Server::start();
     srv.put("/v2.abup", bundle.clone());
-    let pubkey = test_pubkey();
-    let out = abu(&[
-        "install",
-        &srv.url("/v2.abup"),
-        "--disk",
-        &n.disk,
-        "--keyring",
-        pubkey.to_str().unwrap(),
-        "--no-sentinel",
-        "--adaptive",
-        "--json",
-    ]);
+    let url = srv.url("/v2.abup");
+    let mut args = install_args(&url, &n.disk);
+    args.extend(["--adaptive".to_string(), "--json".to_string()]);
+    let out = abu(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let done = n.assert_installed(&out);
     let fetch = &done["fetch"];
     let fetched = fetch["bytes"].as_u64().unwrap();
@@ -1342,7 +1319,6 @@ fn adaptive_install_from_a_file_and_from_stdin() {
     if !have_gpt_tools() {
         return;
     }
-    let pubkey = test_pubkey();
     for from_stdin in [false, true] {
         let n = adaptive_node();
         let source = if from_stdin {
@@ -1351,17 +1327,8 @@ fn adaptive_install_from_a_file_and_from_stdin() {
             n.bundle_path.display().to_string()
         };
         let mut cmd = Command::new(bin());
-        cmd.args([
-            "install",
-            &source,
-            "--disk",
-            &n.disk,
-            "--keyring",
-            pubkey.to_str().unwrap(),
-            "--no-sentinel",
-            "--adaptive",
-            "--json",
-        ]);
+        cmd.args(install_args(&source, &n.disk))
+            .args(["--adaptive", "--json"]);
         if from_stdin {
             cmd.stdin(std::fs::File::open(&n.bundle_path).unwrap());
         }

@@ -227,8 +227,19 @@ pub fn make_image(path: &Path, size: usize, seed: u64) {
     std::fs::write(path, data).unwrap();
 }
 
-/// Bundles `image` with the test key.
+/// Bundles `image` with the test key (256 KiB chunks).
 pub fn make_bundle(image: &Path, version: &str, compatible: &str, out: &Path) {
+    make_bundle_chunked(image, version, compatible, out, "256K");
+}
+
+/// Bundles `image` with the test key and the given chunk size.
+pub fn make_bundle_chunked(
+    image: &Path,
+    version: &str,
+    compatible: &str,
+    out: &Path,
+    chunk_size: &str,
+) {
     abupdate_ok(&[
         "bundle",
         "create",
@@ -243,7 +254,7 @@ pub fn make_bundle(image: &Path, version: &str, compatible: &str, out: &Path) {
         "--out",
         out.to_str().unwrap(),
         "--chunk-size",
-        "256K",
+        chunk_size,
     ]);
 }
 
