@@ -3,10 +3,20 @@
 //!
 //! Two versions of a root filesystem share most of their blocks. The bundle's signed chunk
 //! table names the SHA-256 of every chunk of the new image, so the install can hash the
-//! running slot in chunk-sized pieces (at chunk-aligned offsets, where a rebuilt image keeps
-//! unchanged data when its layout is stable) and take every chunk it finds there from the
-//! local disk. The bundle source then skips those frames: a file seeks, a download asks for
-//! the next needed frame with a new `Range` request, so unchanged data is never transferred.
+//! running slot and take every chunk it finds there from the local disk. It looks in two
+//! places:
+//! - at chunk-aligned offsets (the chunk's own offset, or another): found by hashing the
+//!   running slot in chunk-sized pieces;
+//! - at any 4 KiB-aligned offset, when the bundle carries first-block hashes
+//!   ([`crate::bundle::format::EXT_FIRST_BLOCK_HASHES`]): a file system packs files one after
+//!   the other, so when a file early in the image grows or goes away, everything after it
+//!   moves by whole blocks, off the chunk grid. Every 4 KiB block of the running slot is
+//!   hashed into a compact sorted index; a chunk whose first-block hash appears there is
+//!   checked at each candidate offset (at most [`MAX_CANDIDATES`]) against its full hash.
+//!
+//! The bundle source then skips the frames of the chunks found: a file seeks, a download asks
+//! for the next needed frame with a new `Range` request, so unchanged data is never
+//! transferred.
 //!
 //! Nothing is trusted more than in a plain install:
 //! - a copied chunk is hashed again when it is read for writing and must equal the signed
@@ -28,13 +38,23 @@ use std::io;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::bundle::format::{FIRST_BLOCK_HASH_LEN, FIRST_BLOCK_LEN};
 use crate::bundle::BundleHeader;
 use crate::slotio::ReadOnlyView;
 
-/// Chunk hashes found in the running slot, each with the byte offset where it was found.
+/// Candidate offsets checked per chunk at most (all-zero blocks appear everywhere).
+pub const MAX_CANDIDATES: usize = 4;
+
+/// Chunk hashes found in the running slot, each with the byte offset where it was found, and
+/// the first-block index.
 #[derive(Debug, Default, Clone)]
 pub struct LocalChunks {
     by_hash: HashMap<[u8; 32], u64>,
+    /// (first-block hash, block number) of every 4 KiB block, sorted: 8 bytes a block, so a
+    /// 4 GiB slot costs 8 MiB.
+    blocks: Vec<(u32, u32)>,
+    /// Length of the indexed data.
+    pub len: u64,
     /// Bytes hashed to build the index.
     pub bytes_hashed: u64,
 }
@@ -50,14 +70,36 @@ impl LocalChunks {
         self.by_hash.get(sha256).copied()
     }
 
-    /// Number of distinct hashes.
+    /// Records that the 4 KiB block number `block` has this first-block hash. Call
+    /// [`LocalChunks::seal`] after the last one.
+    pub fn insert_block(&mut self, hash: [u8; FIRST_BLOCK_HASH_LEN], block: u32) {
+        self.blocks.push((u32::from_be_bytes(hash), block));
+    }
+
+    /// Sorts the block index for lookups.
+    pub fn seal(&mut self) {
+        self.blocks.sort_unstable();
+    }
+
+    /// Byte offsets of (at most [`MAX_CANDIDATES`]) blocks with this first-block hash.
+    pub fn candidates(&self, hash: [u8; FIRST_BLOCK_HASH_LEN]) -> impl Iterator<Item = u64> + '_ {
+        let key = u32::from_be_bytes(hash);
+        let start = self.blocks.partition_point(|&(h, _)| h < key);
+        self.blocks[start..]
+            .iter()
+            .take_while(move |&&(h, _)| h == key)
+            .take(MAX_CANDIDATES)
+            .map(|&(_, b)| u64::from(b) * FIRST_BLOCK_LEN as u64)
+    }
+
+    /// Number of distinct chunk hashes.
     pub fn len(&self) -> usize {
         self.by_hash.len()
     }
 
     /// Whether nothing was indexed.
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.by_hash.is_empty() && self.blocks.is_empty()
     }
 }
 
@@ -97,19 +139,34 @@ pub struct PlanSummary {
     pub skipped_bundle_bytes: u64,
 }
 
-/// Decides, for every chunk of `header`, whether the running slot has it.
-pub fn plan(header: &BundleHeader, local: &LocalChunks) -> Plan {
+/// Decides, for every chunk of `header`, whether the running slot has it: at a chunk-aligned
+/// offset found by its hash, or else at a first-block candidate for which
+/// `check(offset, len, sha256)` confirms that the `len` bytes there hash to `sha256`.
+pub fn plan(
+    header: &BundleHeader,
+    local: &LocalChunks,
+    check: &mut dyn FnMut(u64, usize, &[u8; 32]) -> bool,
+) -> Plan {
     let mut summary = PlanSummary {
         chunks: header.chunk_count(),
         ..PlanSummary::default()
     };
+    let first_blocks = header.first_block_hashes();
     let sources = header
         .chunks
         .iter()
         .enumerate()
         .map(|(i, entry)| {
             let frame = u64::from(entry.compressed_len);
-            match local.find(&entry.sha256) {
+            let len = header.chunk_len(i as u32) as usize;
+            let found = local.find(&entry.sha256).or_else(|| {
+                let first = first_blocks.as_ref()?[i];
+                local
+                    .candidates(first)
+                    .filter(|&c| c + len as u64 <= local.len)
+                    .find(|&c| check(c, len, &entry.sha256))
+            });
+            match found {
                 Some(offset) => {
                     summary.reused_chunks += 1;
                     summary.reused_bytes += u64::from(header.chunk_len(i as u32));
@@ -128,7 +185,8 @@ pub fn plan(header: &BundleHeader, local: &LocalChunks) -> Plan {
 
 /// Hashes the first `len` bytes of `view` (the running slot) in pieces of the bundle's chunk
 /// size at chunk-aligned offsets. When the new image ends in a short chunk, that length is
-/// also hashed at the same offset, so an unchanged tail is found too.
+/// also hashed at the same offset, so an unchanged tail is found too. When the bundle has
+/// first-block hashes, every 4 KiB block is hashed into the block index as well.
 pub fn index_view(
     view: &dyn ReadOnlyView,
     len: u64,
@@ -142,7 +200,11 @@ pub fn index_view(
         .checked_sub(1)
         .map(|i| (header.chunk_image_offset(i), u64::from(header.chunk_len(i))))
         .filter(|&(_, l)| l > 0 && l < chunk_size);
-    let mut local = LocalChunks::default();
+    let with_blocks = header.first_block_hashes().is_some();
+    let mut local = LocalChunks {
+        len,
+        ..LocalChunks::default()
+    };
     let mut buf = vec![0u8; chunk_size as usize];
     let mut offset = 0u64;
     while offset < len {
@@ -156,8 +218,22 @@ pub fn index_view(
         if let Some((_, tail)) = short_tail.filter(|&(at, t)| at == offset && t <= piece) {
             local.insert(Sha256::digest(&bytes[..tail as usize]).into(), offset);
         }
+        if with_blocks {
+            // Chunk sizes are powers of two of at least 64 KiB: blocks never straddle pieces.
+            for (k, block) in bytes.chunks(FIRST_BLOCK_LEN).enumerate() {
+                let number = (offset / FIRST_BLOCK_LEN as u64) + k as u64;
+                let Ok(number) = u32::try_from(number) else {
+                    break;
+                };
+                let digest = Sha256::digest(block);
+                let mut hash = [0u8; FIRST_BLOCK_HASH_LEN];
+                hash.copy_from_slice(&digest[..FIRST_BLOCK_HASH_LEN]);
+                local.insert_block(hash, number);
+            }
+        }
         offset += piece;
     }
+    local.seal();
     Ok(local)
 }
 
@@ -216,7 +292,7 @@ mod tests {
         new[8 * cs..9 * cs].copy_from_slice(&seven);
         let header = header_for(&new, cs as u32);
         let local = index_view(&Bytes(old.clone()), old.len() as u64, &header).unwrap();
-        let p = plan(&header, &local);
+        let p = plan(&header, &local, &mut |_, _, _| false);
         assert_eq!(p.sources.len(), 11);
         assert_eq!(p.sources[3], ChunkSource::Bundle);
         assert_eq!(
@@ -266,13 +342,64 @@ mod tests {
         let new = pattern(4 * cs, 2);
         let header = header_for(&new, cs as u32);
         let local = index_view(&Bytes(old.clone()), old.len() as u64, &header).unwrap();
-        let p = plan(&header, &local);
+        let p = plan(&header, &local, &mut |_, _, _| false);
         assert!(p.sources.iter().all(|s| *s == ChunkSource::Bundle));
         assert_eq!(p.summary.reused_chunks, 0);
         assert_eq!(p.summary.skipped_bundle_bytes, 0);
         // An empty index (no running image) plans the same.
-        let p2 = plan(&header, &LocalChunks::default());
+        let p2 = plan(&header, &LocalChunks::default(), &mut |_, _, _| false);
         assert_eq!(p2, p);
+    }
+
+    /// The header with the first-block hashes a bundle writer adds.
+    fn with_first_blocks(mut header: BundleHeader, image: &[u8]) -> BundleHeader {
+        let cs = header.chunk_size as usize;
+        let value = image
+            .chunks(cs)
+            .flat_map(|c| {
+                let d = Sha256::digest(&c[..c.len().min(FIRST_BLOCK_LEN)]);
+                d[..FIRST_BLOCK_HASH_LEN].to_vec()
+            })
+            .collect();
+        header.extensions.push(crate::bundle::Extension {
+            tag: crate::bundle::format::EXT_FIRST_BLOCK_HASHES,
+            value,
+        });
+        header
+    }
+
+    #[test]
+    fn chunks_moved_off_the_grid_by_whole_blocks_are_found() {
+        let cs = 64 * 1024;
+        let old = pattern(12 * cs, 3);
+        // Three 4 KiB blocks early in the image went away: everything after moved 12 KiB.
+        let mut new = old[..10 * 4096].to_vec();
+        new.extend_from_slice(&old[13 * 4096..]);
+        let header = with_first_blocks(header_for(&new, cs as u32), &new);
+        let local = index_view(&Bytes(old.clone()), old.len() as u64, &header).unwrap();
+        let mut checks = 0;
+        let p = plan(&header, &local, &mut |offset, len, sha| {
+            checks += 1;
+            let at = offset as usize;
+            <[u8; 32]>::from(Sha256::digest(&old[at..at + len])) == *sha
+        });
+        // Chunk 0 holds the cut; every later chunk is old data 12 KiB further on.
+        assert_eq!(p.sources[0], ChunkSource::Bundle);
+        for (i, s) in p.sources.iter().enumerate().skip(1) {
+            assert_eq!(
+                *s,
+                ChunkSource::Running {
+                    offset: (i * cs + 3 * 4096) as u64
+                },
+                "chunk {i}"
+            );
+        }
+        assert!(checks <= p.sources.len() * MAX_CANDIDATES);
+        // Without the extension only the grid is searched: nothing lines up.
+        let plain = plan(&header_for(&new, cs as u32), &local, &mut |_, _, _| {
+            panic!("no candidates without first-block hashes")
+        });
+        assert_eq!(plain.summary.reused_chunks, 0);
     }
 
     #[test]
@@ -282,7 +409,7 @@ mod tests {
         let header = header_for(&old, cs as u32);
         let local = index_view(&Bytes(old.clone()), 2 * cs as u64, &header).unwrap();
         assert_eq!(local.bytes_hashed, 2 * cs as u64);
-        let p = plan(&header, &local);
+        let p = plan(&header, &local, &mut |_, _, _| false);
         assert_eq!(p.summary.reused_chunks, 2);
     }
 }

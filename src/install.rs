@@ -736,10 +736,17 @@ fn index_running<D: SlotBacking>(
         .read_only_view(running.offset_bytes(sector_size), usable)?;
     let len = image_len.unwrap_or(usable).min(usable);
     let local = adaptive::index_view(&*view, len, header)?;
+    let mut candidate = vec![0u8; header.chunk_size as usize];
+    let mut bytes_hashed = local.bytes_hashed;
+    let plan = adaptive::plan(header, &local, &mut |offset, len, sha256| {
+        let bytes = &mut candidate[..len];
+        bytes_hashed += len as u64;
+        view.read_at(bytes, offset).is_ok() && <[u8; 32]>::from(Sha256::digest(&*bytes)) == *sha256
+    });
     Ok(IndexedRunning {
         view,
-        plan: adaptive::plan(header, &local),
-        bytes_hashed: local.bytes_hashed,
+        plan,
+        bytes_hashed,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -416,7 +416,8 @@ fn truncation_at_every_byte_names_the_section() {
     let hl = h.header_len() as usize;
     let v_end = FIXED_HEADER_LEN + h.image_version.len();
     let c_end = v_end + h.compatible.len();
-    let e_end = c_end + 4 + 4; // one extension, "note"
+    // The caller's "note" and the writer's first-block hashes.
+    let e_end = c_end + h.extensions.iter().map(|e| 4 + e.value.len()).sum::<usize>();
     let t_end = e_end + 36 * h.chunk_count() as usize;
     assert_eq!(t_end + SIGNATURE_LEN, hl);
     let expected_section = |len: usize| -> Section {
@@ -965,12 +966,26 @@ fn extensions_critical_and_not() {
     let r = ring(&[&key]);
     let (image, b) = small_bundle(&key);
     assert_eq!(
-        b.header.extensions,
-        vec![Extension {
+        b.header.extensions[0],
+        Extension {
             tag: 7,
             value: b"note".to_vec()
-        }]
+        }
     );
+    // The writer adds the first-block hashes (non-critical) after the caller's extensions.
+    assert_eq!(b.header.extensions.len(), 2);
+    assert_eq!(
+        b.header.extensions[1].tag,
+        abupdate::bundle::format::EXT_FIRST_BLOCK_HASHES
+    );
+    let first = b.header.first_block_hashes().expect("first-block hashes");
+    assert_eq!(first.len(), b.header.chunks.len());
+    let cs = b.header.chunk_size as usize;
+    for (i, h) in first.iter().enumerate() {
+        let chunk = &image[i * cs..((i + 1) * cs).min(image.len())];
+        let d = sha2::Sha256::digest(&chunk[..chunk.len().min(4096)]);
+        assert_eq!(&h[..], &d[..4], "chunk {i}");
+    }
     assert_eq!(read_seq(&b.bytes, &r).unwrap(), image);
     // Set the critical bit on the (signed) extension and re-sign.
     let off = FIXED_HEADER_LEN + b.header.image_version.len() + b.header.compatible.len();
@@ -980,7 +995,7 @@ fn extensions_critical_and_not() {
         BundleError::UnknownCriticalExtension { tag: 0x8007 }
     ));
     // A record running past the area.
-    let m = patched(&b.bytes, &key, off + 2, &5u16.to_le_bytes());
+    let m = patched(&b.bytes, &key, off + 2, &u16::MAX.to_le_bytes());
     assert!(matches!(
         read_seq(&m, &r).unwrap_err(),
         BundleError::MalformedExtension { offset: 0, .. }

@@ -42,6 +42,16 @@ pub const MAX_EXTENSIONS_LEN: u16 = 16 * 1024;
 /// Bit of an extension tag that marks it critical: a reader that does not
 /// know a critical extension must refuse the bundle.
 pub const EXTENSION_CRITICAL: u16 = 0x8000;
+/// Non-critical extension: per chunk, the first [`FIRST_BLOCK_HASH_LEN`] bytes of the SHA-256
+/// of the chunk's first [`FIRST_BLOCK_LEN`] bytes, in chunk order. An adaptive install uses
+/// it to find a chunk in the running slot at any 4 KiB-aligned offset, not only its own
+/// (file system blocks move when files before them change size).
+pub const EXT_FIRST_BLOCK_HASHES: u16 = 0x0001;
+/// Bytes of a chunk covered by its first-block hash (one file system block).
+pub const FIRST_BLOCK_LEN: usize = 4096;
+/// Bytes of SHA-256 kept per first-block hash: a hint to find candidates, each then checked
+/// against the chunk's full signed hash.
+pub const FIRST_BLOCK_HASH_LEN: usize = 4;
 /// Largest possible header (all limits at their maximum).
 pub const MAX_HEADER_LEN: u64 = FIXED_HEADER_LEN as u64
     + 2 * MAX_STRING_LEN as u64
@@ -154,6 +164,24 @@ impl BundleHeader {
         // The table length is bounded by MAX_CHUNK_COUNT on every path that
         // builds a header from a file; saturate rather than wrap otherwise.
         u32::try_from(self.chunks.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The first-block hashes ([`EXT_FIRST_BLOCK_HASHES`]), one per chunk, when the bundle
+    /// carries them with the right length.
+    pub fn first_block_hashes(&self) -> Option<Vec<[u8; FIRST_BLOCK_HASH_LEN]>> {
+        let ext = self
+            .extensions
+            .iter()
+            .find(|e| e.tag == EXT_FIRST_BLOCK_HASHES)?;
+        if ext.value.len() != self.chunks.len() * FIRST_BLOCK_HASH_LEN {
+            return None;
+        }
+        Some(
+            ext.value
+                .chunks_exact(FIRST_BLOCK_HASH_LEN)
+                .map(|c| c.try_into().expect("exact chunks"))
+                .collect(),
+        )
     }
 
     /// Uncompressed length of chunk `index` (the last one may be short).
@@ -688,8 +716,9 @@ fn parse_extensions(area: &[u8]) -> Result<Vec<Extension>, BundleError> {
             tag,
             value: area[start..start + len].to_vec(),
         };
-        // No extension is defined by format version 1, so every critical
-        // one is unknown; non-critical ones are kept for `bundle info`.
+        // Format version 1 defines only non-critical extensions, so every
+        // critical one is unknown; non-critical ones are kept (known ones are
+        // used, unknown ones shown by `bundle info`).
         if ext.is_critical() {
             return Err(BundleError::UnknownCriticalExtension { tag });
         }

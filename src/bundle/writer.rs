@@ -21,7 +21,8 @@ use sha2::{Digest, Sha256};
 use super::error::BundleError;
 use super::format::{
     check_chunk_size, check_image_size, check_string, BundleHeader, ChunkEntry, Compression,
-    Extension, FORMAT_VERSION, MAX_EXTENSIONS_LEN,
+    Extension, EXT_FIRST_BLOCK_HASHES, FIRST_BLOCK_HASH_LEN, FIRST_BLOCK_LEN, FORMAT_VERSION,
+    MAX_EXTENSIONS_LEN,
 };
 use super::keys::KeyId;
 
@@ -104,6 +105,12 @@ pub fn create_bundle_with_options(
             BundleError::io(format!("finding the size of image {}", image.display()), e)
         })?;
     let chunk_count = check_image_size(image_size, chunk_size)?;
+    let mut extensions = options.extensions.clone();
+    if let Some(ext) =
+        first_block_hashes(&mut image_file, image, image_size, chunk_size, &extensions)?
+    {
+        extensions.push(ext);
+    }
 
     // The header, signed later, with placeholder table entries: its length
     // depends only on counts and string lengths, which are final now.
@@ -116,7 +123,7 @@ pub fn create_bundle_with_options(
         chunk_size,
         compression: Compression::Zstd,
         signer_key_id: KeyId::of(&key.verifying_key()),
-        extensions: options.extensions.clone(),
+        extensions,
         chunks: vec![
             ChunkEntry {
                 compressed_len: 0,
@@ -165,6 +172,44 @@ pub fn create_bundle_with_options(
         .map_err(|e| temp_err("writing the header to", &temp.path, e))?;
     temp.persist(out)?;
     Ok(header)
+}
+
+/// The [`EXT_FIRST_BLOCK_HASHES`] extension for `image`, read with one small read per chunk;
+/// `None` when the caller set that tag already or it would not fit in the extension area
+/// (an image of more than about 4000 chunks: adaptive installs then match chunks at their own
+/// offsets only).
+fn first_block_hashes(
+    image_file: &mut File,
+    image: &Path,
+    image_size: u64,
+    chunk_size: u32,
+    existing: &[Extension],
+) -> Result<Option<Extension>, BundleError> {
+    use std::os::unix::fs::FileExt;
+    let chunk_count = image_size.div_ceil(u64::from(chunk_size));
+    let used: usize = existing.iter().map(|e| 4 + e.value.len()).sum();
+    let len = chunk_count as usize * FIRST_BLOCK_HASH_LEN;
+    if existing.iter().any(|e| e.tag == EXT_FIRST_BLOCK_HASHES)
+        || used + 4 + len > MAX_EXTENSIONS_LEN as usize
+    {
+        return Ok(None);
+    }
+    let mut value = Vec::with_capacity(len);
+    let mut block = [0u8; FIRST_BLOCK_LEN];
+    for i in 0..chunk_count {
+        let offset = i * u64::from(chunk_size);
+        let n = (image_size - offset).min(FIRST_BLOCK_LEN as u64) as usize;
+        image_file
+            .read_exact_at(&mut block[..n], offset)
+            .map_err(|e| {
+                BundleError::io(format!("reading image {} at {offset}", image.display()), e)
+            })?;
+        value.extend_from_slice(&Sha256::digest(&block[..n])[..FIRST_BLOCK_HASH_LEN]);
+    }
+    Ok(Some(Extension {
+        tag: EXT_FIRST_BLOCK_HASHES,
+        value,
+    }))
 }
 
 fn check_extensions(extensions: &[Extension]) -> Result<(), BundleError> {
