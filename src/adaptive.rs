@@ -42,7 +42,8 @@ use crate::bundle::format::{FIRST_BLOCK_HASH_LEN, FIRST_BLOCK_LEN};
 use crate::bundle::BundleHeader;
 use crate::slotio::ReadOnlyView;
 
-/// Candidate offsets checked per chunk at most (all-zero blocks appear everywhere).
+/// Candidate offsets checked per chunk at most, besides the one the previous chunk's move
+/// predicts (all-zero blocks appear everywhere).
 pub const MAX_CANDIDATES: usize = 4;
 
 /// Chunk hashes found in the running slot, each with the byte offset where it was found, and
@@ -81,15 +82,36 @@ impl LocalChunks {
         self.blocks.sort_unstable();
     }
 
-    /// Byte offsets of (at most [`MAX_CANDIDATES`]) blocks with this first-block hash.
-    pub fn candidates(&self, hash: [u8; FIRST_BLOCK_HASH_LEN]) -> impl Iterator<Item = u64> + '_ {
+    /// Byte offsets of the (at most [`MAX_CANDIDATES`]) blocks with this first-block hash
+    /// that lie nearest to `near` (a byte offset): moved data is usually found a little
+    /// before or after where it was, and common blocks (all zeros, fill) appear everywhere.
+    pub fn candidates_near(&self, hash: [u8; FIRST_BLOCK_HASH_LEN], near: u64) -> Vec<u64> {
         let key = u32::from_be_bytes(hash);
         let start = self.blocks.partition_point(|&(h, _)| h < key);
-        self.blocks[start..]
-            .iter()
-            .take_while(move |&&(h, _)| h == key)
-            .take(MAX_CANDIDATES)
-            .map(|&(_, b)| u64::from(b) * FIRST_BLOCK_LEN as u64)
+        let end = start + self.blocks[start..].partition_point(|&(h, _)| h == key);
+        let same = &self.blocks[start..end];
+        let near_block = near / FIRST_BLOCK_LEN as u64;
+        // Walk outwards from the nearest block number in both directions.
+        let mut right = same.partition_point(|&(_, b)| u64::from(b) < near_block);
+        let mut left = right;
+        let mut out = Vec::with_capacity(MAX_CANDIDATES);
+        while out.len() < MAX_CANDIDATES && (left > 0 || right < same.len()) {
+            let dist = |i: usize| u64::from(same[i].1).abs_diff(near_block);
+            let take_right = match (left > 0, right < same.len()) {
+                (true, true) => dist(right) <= dist(left - 1),
+                (false, true) => true,
+                _ => false,
+            };
+            let block = if take_right {
+                right += 1;
+                same[right - 1].1
+            } else {
+                left -= 1;
+                same[left].1
+            };
+            out.push(u64::from(block) * FIRST_BLOCK_LEN as u64);
+        }
+        out
     }
 
     /// Number of distinct chunk hashes.
@@ -140,8 +162,9 @@ pub struct PlanSummary {
 }
 
 /// Decides, for every chunk of `header`, whether the running slot has it: at a chunk-aligned
-/// offset found by its hash, or else at a first-block candidate for which
-/// `check(offset, len, sha256)` confirms that the `len` bytes there hash to `sha256`.
+/// offset found by its hash; else, with first-block hashes, where the previous chunk's move
+/// predicts it, then at the first-block candidates nearest to that place. `check(offset, len,
+/// sha256)` confirms that the `len` bytes at `offset` hash to `sha256`.
 pub fn plan(
     header: &BundleHeader,
     local: &LocalChunks,
@@ -152,34 +175,49 @@ pub fn plan(
         ..PlanSummary::default()
     };
     let first_blocks = header.first_block_hashes();
-    let sources = header
-        .chunks
-        .iter()
-        .enumerate()
-        .map(|(i, entry)| {
-            let frame = u64::from(entry.compressed_len);
-            let len = header.chunk_len(i as u32) as usize;
-            let found = local.find(&entry.sha256).or_else(|| {
-                let first = first_blocks.as_ref()?[i];
-                local
-                    .candidates(first)
-                    .filter(|&c| c + len as u64 <= local.len)
-                    .find(|&c| check(c, len, &entry.sha256))
-            });
-            match found {
-                Some(offset) => {
-                    summary.reused_chunks += 1;
-                    summary.reused_bytes += u64::from(header.chunk_len(i as u32));
-                    summary.skipped_bundle_bytes += frame;
-                    ChunkSource::Running { offset }
-                }
-                None => {
-                    summary.bundle_bytes += frame;
-                    ChunkSource::Bundle
+    // How far the previous chunk found off the grid had moved (running offset - own offset).
+    let mut last_move: Option<i64> = None;
+    let mut sources = Vec::with_capacity(header.chunks.len());
+    for (i, entry) in header.chunks.iter().enumerate() {
+        let frame = u64::from(entry.compressed_len);
+        let len = header.chunk_len(i as u32) as usize;
+        let own = header.chunk_image_offset(i as u32);
+        let fits = |c: u64| {
+            c.checked_add(len as u64)
+                .is_some_and(|end| end <= local.len)
+        };
+        let found = local.find(&entry.sha256).or_else(|| {
+            let first = first_blocks.as_ref()?[i];
+            let predicted = last_move
+                .and_then(|m| own.checked_add_signed(m))
+                .filter(|&c| fits(c));
+            if let Some(c) = predicted {
+                if check(c, len, &entry.sha256) {
+                    return Some(c);
                 }
             }
-        })
-        .collect();
+            local
+                .candidates_near(first, predicted.unwrap_or(own))
+                .into_iter()
+                .filter(|&c| fits(c) && Some(c) != predicted)
+                .find(|&c| check(c, len, &entry.sha256))
+        });
+        match found {
+            Some(offset) => {
+                if offset != own {
+                    last_move = Some(offset as i64 - own as i64);
+                }
+                summary.reused_chunks += 1;
+                summary.reused_bytes += len as u64;
+                summary.skipped_bundle_bytes += frame;
+                sources.push(ChunkSource::Running { offset });
+            }
+            None => {
+                summary.bundle_bytes += frame;
+                sources.push(ChunkSource::Bundle);
+            }
+        }
+    }
     Plan { sources, summary }
 }
 
@@ -400,6 +438,27 @@ mod tests {
             panic!("no candidates without first-block hashes")
         });
         assert_eq!(plain.summary.reused_chunks, 0);
+    }
+
+    #[test]
+    fn candidates_come_nearest_first() {
+        let mut local = LocalChunks::default();
+        for b in (1..100).step_by(2) {
+            local.insert_block([0, 0, 0, 7], b);
+        }
+        local.insert_block([0, 0, 0, 8], 50);
+        local.seal();
+        let blocks = |near: u64| -> Vec<u64> {
+            local
+                .candidates_near([0, 0, 0, 7], near * 4096)
+                .into_iter()
+                .map(|o| o / 4096)
+                .collect()
+        };
+        assert_eq!(blocks(50), [51, 49, 53, 47]);
+        assert_eq!(blocks(0), [1, 3, 5, 7]);
+        assert_eq!(blocks(1000), [99, 97, 95, 93]);
+        assert!(local.candidates_near([1, 2, 3, 4], 0).is_empty());
     }
 
     #[test]

@@ -417,7 +417,11 @@ fn truncation_at_every_byte_names_the_section() {
     let v_end = FIXED_HEADER_LEN + h.image_version.len();
     let c_end = v_end + h.compatible.len();
     // The caller's "note" and the writer's first-block hashes.
-    let e_end = c_end + h.extensions.iter().map(|e| 4 + e.value.len()).sum::<usize>();
+    let e_end = c_end
+        + h.extensions
+            .iter()
+            .map(|e| 4 + e.value.len())
+            .sum::<usize>();
     let t_end = e_end + 36 * h.chunk_count() as usize;
     assert_eq!(t_end + SIGNATURE_LEN, hl);
     let expected_section = |len: usize| -> Section {
