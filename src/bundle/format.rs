@@ -38,7 +38,7 @@ pub const MAX_CHUNK_COUNT: u32 = 1 << 20;
 /// Longest image version / compatible string, in bytes.
 pub const MAX_STRING_LEN: u16 = 255;
 /// Largest extension area, in bytes.
-pub const MAX_EXTENSIONS_LEN: u16 = 16 * 1024;
+pub const MAX_EXTENSIONS_LEN: u16 = u16::MAX;
 /// Bit of an extension tag that marks it critical: a reader that does not
 /// know a critical extension must refuse the bundle.
 pub const EXTENSION_CRITICAL: u16 = 0x8000;

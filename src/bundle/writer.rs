@@ -176,7 +176,7 @@ pub fn create_bundle_with_options(
 
 /// The [`EXT_FIRST_BLOCK_HASHES`] extension for `image`, read with one small read per chunk;
 /// `None` when the caller set that tag already or it would not fit in the extension area
-/// (an image of more than about 4000 chunks: adaptive installs then match chunks at their own
+/// (an image of more than 16 382 chunks: adaptive installs then match chunks at their own
 /// offsets only).
 fn first_block_hashes(
     image_file: &mut File,
