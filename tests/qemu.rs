@@ -197,7 +197,9 @@ fn build_assets() -> Assets {
             .arg(image)
             .arg("--key")
             .arg(&key_secret)
-            .args(["--version", version, "--compatible", COMPATIBLE, "--out"])
+            .args(["--version", version, "--compatible", COMPATIBLE])
+            // Small chunks, so the adaptive install of scenario 3 finds most of them.
+            .args(["--chunk-size", "256K", "--out"])
             .arg(&out));
         out
     };
@@ -732,12 +734,31 @@ fn qemu_3_failing_check_rolls_back() {
     let b_before = attrs(&s.disk, l.b);
     let b_hash = sha256_of_slot(&s.disk, l.b);
 
+    // An adaptive install, running from ROOT-B: the chunks v3 shares with v2 (busybox, the
+    // abupdate binary) are copied from ROOT-B, read through a read-only handle on /dev/vda.
     let b = s.boot(&RunOpts {
         bundle: Some(&a.bundle_v3_failing),
-        ..Default::default()
+        append: Some("abupdate.adaptive=1"),
     });
     assert_booted(&b, "ROOT-B", "2", "good");
     assert_eq!(b.installed(), Some(0), "install v3 failed; {}", b.explain());
+    let plan: serde_json::Value = b
+        .lines()
+        .find(|l| l.contains(r#""event":"adaptive-plan""#))
+        .and_then(|l| serde_json::from_str(&l[l.find('{').unwrap_or(0)..]).ok())
+        .unwrap_or_else(|| panic!("no adaptive-plan event; {}", b.explain()));
+    let (reused, chunks) = (
+        plan["reused_chunks"].as_u64().unwrap_or(0),
+        plan["chunks"].as_u64().unwrap_or(0),
+    );
+    assert_eq!(plan["running"], "ROOT-B", "{plan}");
+    assert!(
+        chunks > 0 && reused * 2 > chunks,
+        "most of v3 should come from ROOT-B: {plan}"
+    );
+    say(&format!(
+        "qemu_3: adaptive install copied {reused} of {chunks} chunks from ROOT-B"
+    ));
     let ra = attrs(&s.disk, l.a);
     assert!(
         ra.tries > 0 && ra.successful == 0,
