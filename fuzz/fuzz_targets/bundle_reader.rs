@@ -6,13 +6,16 @@
 //! before `header_len`, which is at offset 12; see docs/bundle-format.md).
 //! That lets the fuzzer reach the chunk table checks, the bounded zstd
 //! decoding and the end-of-bundle checks. Bit 1 selects the parallel reader.
+//! Bit 2 (sequential reader only) skips runs of chunks as an adaptive install
+//! does ([`BundleReader::skip_chunks`]), the run lengths taken from the
+//! mode's upper bits.
 #![no_main]
 
 use std::path::Path;
 use std::sync::OnceLock;
 
 use abupdate::bundle::keys::{parse_secret_key, KeyId};
-use abupdate::bundle::{BundleReader, Keyring};
+use abupdate::bundle::{BundleReader, BundleSource, Keyring};
 use ed25519_dalek::{Signer, SigningKey};
 use libfuzzer_sys::fuzz_target;
 
@@ -53,7 +56,30 @@ fuzz_target!(|data: &[u8]| {
     };
     let image_size = reader.header().image_size;
     let mut produced = 0u64;
-    if mode & 2 == 0 {
+    if mode & 4 == 4 {
+        // Alternate: skip a run of (mode >> 3) % 4 + 1 chunks, read one.
+        let run = u32::from((mode >> 3) % 4 + 1);
+        let chunk_size = u64::from(reader.header().chunk_size);
+        loop {
+            let left = reader.header().chunk_count() - reader.next_index();
+            if left == 0 {
+                break;
+            }
+            let skip = run.min(left);
+            if reader.skip_chunks(skip, |r, n| r.skip_ahead(n, None)).is_err() {
+                break;
+            }
+            produced = u64::from(reader.next_index()) * chunk_size;
+            match reader.next_chunk() {
+                Ok(Some(chunk)) => {
+                    assert_eq!(chunk.image_offset, produced);
+                    produced += chunk.data.len() as u64;
+                }
+                _ => break,
+            }
+        }
+        produced = produced.min(image_size);
+    } else if mode & 2 == 0 {
         while let Ok(Some(chunk)) = reader.next_chunk() {
             assert_eq!(chunk.image_offset, produced);
             produced += chunk.data.len() as u64;
