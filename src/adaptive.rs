@@ -114,6 +114,17 @@ impl LocalChunks {
         out
     }
 
+    /// Whether the 4 KiB block at byte `offset` has this first-block hash (false for an
+    /// offset that is not block-aligned or not indexed).
+    pub fn block_has(&self, hash: [u8; FIRST_BLOCK_HASH_LEN], offset: u64) -> bool {
+        offset % FIRST_BLOCK_LEN as u64 == 0
+            && u32::try_from(offset / FIRST_BLOCK_LEN as u64).is_ok_and(|block| {
+                self.blocks
+                    .binary_search(&(u32::from_be_bytes(hash), block))
+                    .is_ok()
+            })
+    }
+
     /// Number of distinct chunk hashes.
     pub fn len(&self) -> usize {
         self.by_hash.len()
@@ -191,7 +202,7 @@ pub fn plan(
             let predicted = last_move
                 .and_then(|m| own.checked_add_signed(m))
                 .filter(|&c| fits(c));
-            if let Some(c) = predicted {
+            if let Some(c) = predicted.filter(|&c| local.block_has(first, c)) {
                 if check(c, len, &entry.sha256) {
                     return Some(c);
                 }
@@ -459,6 +470,10 @@ mod tests {
         assert_eq!(blocks(0), [1, 3, 5, 7]);
         assert_eq!(blocks(1000), [99, 97, 95, 93]);
         assert!(local.candidates_near([1, 2, 3, 4], 0).is_empty());
+        assert!(local.block_has([0, 0, 0, 7], 3 * 4096));
+        assert!(!local.block_has([0, 0, 0, 7], 4 * 4096));
+        assert!(!local.block_has([0, 0, 0, 7], 3 * 4096 + 1));
+        assert!(local.block_has([0, 0, 0, 8], 50 * 4096));
     }
 
     #[test]
