@@ -28,6 +28,8 @@ use sha2::{Digest, Sha256};
 struct Behavior {
     /// Absolute byte offsets at which to cut the connection, one per response, in order.
     cuts: VecDeque<u64>,
+    /// Apply `cuts` only to responses to `Range` requests.
+    cut_ranged_only: bool,
     /// Added to the honest Content-Length; the body sent is the smaller of the two.
     length_delta: i64,
     /// Answer every request 200 with the whole file.
@@ -231,7 +233,11 @@ fn handle(stream: TcpStream, st: &Mutex<State>) {
         let mut s = st.lock().unwrap();
         let live = s.behavior.get_mut(&path).unwrap();
         match live.cuts.front() {
-            Some(&c) if c > start && c < send_end => {
+            Some(&c)
+                if c > start
+                    && c < send_end
+                    && (!live.cut_ranged_only || range_start.is_some()) =>
+            {
                 live.cuts.pop_front();
                 Some(c)
             }
@@ -1378,4 +1384,62 @@ fn adaptive_install_finds_chunks_moved_by_whole_blocks() {
     assert_eq!(a["chunks"], 32, "{done}");
     assert_eq!(a["reused_chunks"], 31, "{done}");
     assert_eq!(a["fallbacks"], 0, "{done}");
+}
+
+/// Dropped connections during an adaptive download are resumed like any other, and a resumed
+/// closed range keeps its end: the retry asks for the rest of the same run, nothing more.
+#[test]
+fn adaptive_download_resumes_cut_connections_within_their_range() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = adaptive_node();
+    let bundle = std::fs::read(&n.bundle_path).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&abupdate_ok(&[
+        "bundle",
+        "info",
+        n.bundle_path.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let frame = |i: usize| {
+        info["header"]["chunks"][i]["compressed_len"]
+            .as_u64()
+            .unwrap()
+    };
+    let frame_start =
+        |i: usize| info["header_len"].as_u64().unwrap() + (0..i).map(frame).sum::<u64>();
+    // A cut inside chunk 20's closed range (the first, open-ended response covers every
+    // offset, so cuts apply to ranged responses only).
+    let cut_twenty = frame_start(20) + frame(20) / 2;
+    let srv = Server::start();
+    srv.put("/v2.abup", bundle);
+    srv.behave(
+        "/v2.abup",
+        Behavior {
+            cuts: [cut_twenty].into_iter().collect(),
+            cut_ranged_only: true,
+            ..Default::default()
+        },
+    );
+    let url = srv.url("/v2.abup");
+    let mut args = install_args(&url, &n.disk);
+    args.extend(
+        ["--adaptive", "--json", "--retry-delay", "10ms"]
+            .iter()
+            .map(|a| a.to_string()),
+    );
+    let out = abu(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let done = n.assert_installed(&out);
+    assert_eq!(done["fetch"]["retries"], 1, "{done}");
+    let requests = srv.requests_for("/v2.abup");
+    let resumed = requests
+        .iter()
+        .find(|r| r.range_start == Some(cut_twenty))
+        .unwrap_or_else(|| panic!("no resume at {cut_twenty}: {requests:?}"));
+    assert_eq!(
+        resumed.range_last,
+        Some(frame_start(21) - 1),
+        "the resumed request keeps the run's end: {requests:?}"
+    );
 }
