@@ -169,6 +169,9 @@ pub struct InstallOptions {
     /// Copy the chunks the running slot already holds instead of reading them from the
     /// bundle ([`crate::adaptive`]).
     pub adaptive: bool,
+    /// Stop after every check (signature, policy, size, target can be opened; the adaptive
+    /// plan): report what would happen, change nothing.
+    pub dry_run: bool,
 }
 
 impl Default for InstallOptions {
@@ -181,6 +184,7 @@ impl Default for InstallOptions {
             sentinel: Some(PathBuf::from(DEFAULT_SENTINEL)),
             workers: 0,
             adaptive: false,
+            dry_run: false,
         }
     }
 }
@@ -285,6 +289,8 @@ pub struct InstallReport {
     pub sentinel: Option<String>,
     /// What an adaptive install took from the running slot (`None`: not adaptive).
     pub adaptive: Option<AdaptiveOutcome>,
+    /// Only checked, nothing written ([`InstallOptions::dry_run`]).
+    pub dry_run: bool,
 }
 
 /// What an adaptive install did.
@@ -422,6 +428,27 @@ pub fn install<D: SlotBacking, R: BundleSource>(
         slot: running,
         image_len: running_record.as_ref().map(|r| r.image_size),
     });
+    if options.dry_run {
+        let indexed = prepare_target(disk, target, &header, reuse, events)?;
+        return Ok(InstallReport {
+            running: slots[running].name.clone(),
+            target: slots[target].name.clone(),
+            version: header.image_version.clone(),
+            image_size: header.image_size,
+            sha256: hex::encode(header.image_sha256),
+            write_seconds: 0.0,
+            verify_seconds: 0.0,
+            total_seconds: started.elapsed().as_secs_f64(),
+            direct_io: false,
+            attributes: attrs[target].to_string(),
+            sentinel: None,
+            adaptive: indexed.map(|i| AdaptiveOutcome {
+                planned: i.plan.summary,
+                fallbacks: 0,
+            }),
+            dry_run: true,
+        });
+    }
     let written = write_slot(
         disk,
         target,
@@ -470,6 +497,7 @@ pub fn install<D: SlotBacking, R: BundleSource>(
         attributes: flipped[target].to_string(),
         sentinel,
         adaptive: written.adaptive,
+        dry_run: false,
     })
 }
 
@@ -508,27 +536,20 @@ fn workers_for(requested: usize) -> usize {
     }
 }
 
-/// Steps 4-7 of an install into slot `target` from an already signature-checked reader:
-/// invalidate the slot, stream verified chunks into it, flush, read back against the signed
-/// hash, write the slot record. The slot stays unbootable; the caller decides what it becomes.
-#[allow(clippy::too_many_arguments)]
-pub fn write_slot<D: SlotBacking, R: BundleSource>(
+/// The checks before a slot is written, which change nothing: the image fits the slot, the
+/// slot can be opened for writing (not mounted, right partition node), and, for an adaptive
+/// install, the running slot is hashed and the plan made ([`InstallEvent::AdaptivePlan`]).
+fn prepare_target<D: SlotBacking>(
     disk: &mut AbDisk<D>,
     target: usize,
-    reader: &mut BundleReader<R>,
-    workers: usize,
+    header: &crate::bundle::BundleHeader,
     reuse: Option<Reuse>,
-    cancel: &AtomicBool,
     events: &mut dyn FnMut(InstallEvent),
-) -> Result<SlotWritten, InstallError> {
-    // 4. Target unbootable before its bytes change; its old record goes too.
-    let started = Instant::now();
+) -> Result<Option<IndexedRunning>, InstallError> {
     let sector_size = disk.gpt.sector_size();
     let slots = disk.slots()?;
-    let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
     let slot = &slots[target];
     let slot_size = slot.size_bytes(sector_size);
-    let header = reader.header().clone();
     let usable = footer::max_image_size(slot_size);
     if header.image_size > usable {
         return Err(InstallError::TooLarge {
@@ -548,25 +569,48 @@ pub fn write_slot<D: SlotBacking, R: BundleSource>(
         slot_size,
     )?);
     // Adaptive: hash the running slot (read-only) while the target is still as it was.
-    let adaptive = match reuse {
-        Some(r) => {
-            let running = &slots[r.slot];
-            let indexed = index_running(disk, running, sector_size, r.image_len, &header).map_err(
-                |source| InstallError::ReadRunning {
-                    slot: running.name.clone(),
-                    source,
-                },
-            )?;
-            events(InstallEvent::AdaptivePlan {
-                running: running.name.clone(),
-                bytes_hashed: indexed.bytes_hashed,
-                index_seconds: indexed.seconds,
-                summary: indexed.plan.summary,
-            });
-            Some(indexed)
-        }
-        None => None,
+    let Some(r) = reuse else {
+        return Ok(None);
     };
+    let running = &slots[r.slot];
+    let indexed =
+        index_running(disk, running, sector_size, r.image_len, header).map_err(|source| {
+            InstallError::ReadRunning {
+                slot: running.name.clone(),
+                source,
+            }
+        })?;
+    events(InstallEvent::AdaptivePlan {
+        running: running.name.clone(),
+        bytes_hashed: indexed.bytes_hashed,
+        index_seconds: indexed.seconds,
+        summary: indexed.plan.summary,
+    });
+    Ok(Some(indexed))
+}
+
+/// Steps 4-7 of an install into slot `target` from an already signature-checked reader:
+/// invalidate the slot, stream verified chunks into it, flush, read back against the signed
+/// hash, write the slot record. The slot stays unbootable; the caller decides what it becomes.
+#[allow(clippy::too_many_arguments)]
+pub fn write_slot<D: SlotBacking, R: BundleSource>(
+    disk: &mut AbDisk<D>,
+    target: usize,
+    reader: &mut BundleReader<R>,
+    workers: usize,
+    reuse: Option<Reuse>,
+    cancel: &AtomicBool,
+    events: &mut dyn FnMut(InstallEvent),
+) -> Result<SlotWritten, InstallError> {
+    // 4. Target unbootable before its bytes change; its old record goes too.
+    let started = Instant::now();
+    let header = reader.header().clone();
+    let adaptive = prepare_target(disk, target, &header, reuse, events)?;
+    let sector_size = disk.gpt.sector_size();
+    let slots = disk.slots()?;
+    let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
+    let slot = &slots[target];
+    let slot_size = slot.size_bytes(sector_size);
     let mut invalid = attrs.clone();
     invalid[target] = select::invalidate(attrs[target]);
     disk.write_slot_attributes(&slots, &invalid)?;

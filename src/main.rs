@@ -239,6 +239,10 @@ enum Command {
         /// with Range requests [config: adaptive].
         #[arg(long)]
         adaptive: bool,
+        /// Run every check (signature, compatible, version, size, target not mounted) and,
+        /// with --adaptive, make the plan; report what would happen and write nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         reboot: RebootFlags,
         #[command(flatten)]
@@ -784,9 +788,32 @@ fn run_install(
 
 fn print_installed(report: &InstallReport, fetch: Option<FetchSummary>, json: bool) {
     if json {
+        let action = if report.dry_run {
+            "dry-run"
+        } else {
+            "installed"
+        };
         json_line(
-            &serde_json::json!({"event": "done", "action": "installed", "report": report, "fetch": fetch}),
+            &serde_json::json!({"event": "done", "action": action, "report": report, "fetch": fetch}),
         );
+        return;
+    }
+    if report.dry_run {
+        println!(
+            "dry run: {} ({} bytes) would be installed into {} (running {}); every check passed, nothing was written",
+            report.version, report.image_size, report.target, report.running
+        );
+        if let Some(a) = report.adaptive {
+            println!(
+                "adaptive: {} of {} chunks ({} bytes) would be copied from {}; {} bytes of the bundle's payload would be read, {} skipped",
+                a.planned.reused_chunks,
+                a.planned.chunks,
+                a.planned.reused_bytes,
+                report.running,
+                a.planned.bundle_bytes,
+                a.planned.skipped_bundle_bytes
+            );
+        }
         return;
     }
     println!(
@@ -865,7 +892,7 @@ fn install_cmd(
     };
     let report = run_install(&mut disk, source, &keyring, &options, &cancel, json)?;
     print_installed(&report, fetcher.map(|f| f.stats()), json);
-    if policy == RebootPolicy::Now {
+    if policy == RebootPolicy::Now && !report.dry_run {
         drop(disk);
         reboot_now()?;
     }
@@ -1184,6 +1211,7 @@ fn update_cmd(
         sentinel: s.sentinel.clone(),
         workers: 0,
         adaptive: s.adaptive,
+        dry_run: false,
     };
     let mut disk = open_disk_locked(args)?;
     let installed = if let Some(path) = abupdate::channel::cached_bundle(&s.cache_dir, index) {
@@ -1452,6 +1480,7 @@ fn run(cli: Cli) -> Result<()> {
             allow_downgrade,
             running,
             adaptive,
+            dry_run,
             reboot,
             fetch,
             json,
@@ -1463,6 +1492,7 @@ fn run(cli: Cli) -> Result<()> {
                 compatible: compatible.or_else(|| c.compatible.clone()),
                 running,
                 adaptive: adaptive || c.adaptive.unwrap_or(false),
+                dry_run,
                 ..Default::default()
             };
             let (policy, sentinel) = reboot_settings(&reboot, cfg);

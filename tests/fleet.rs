@@ -1443,3 +1443,43 @@ fn adaptive_download_resumes_cut_connections_within_their_range() {
         "the resumed request keeps the run's end: {requests:?}"
     );
 }
+
+/// A dry run over HTTP reads the header (and at most one read buffer), reports the adaptive
+/// plan, and changes nothing: how much an update would download, asked before downloading it.
+#[test]
+fn adaptive_dry_run_over_http_reads_only_the_header() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = adaptive_node();
+    let bundle = std::fs::read(&n.bundle_path).unwrap();
+    let disk_hash = sha256_file(Path::new(&n.disk));
+    let srv = Server::start();
+    srv.put("/v2.abup", bundle);
+    let url = srv.url("/v2.abup");
+    let mut args = install_args(&url, &n.disk);
+    args.extend(
+        ["--adaptive", "--dry-run", "--json"]
+            .iter()
+            .map(|a| a.to_string()),
+    );
+    let out = abu(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out));
+    let done = done_event(&out);
+    assert_eq!(done["action"], "dry-run", "{done}");
+    assert_eq!(done["report"]["adaptive"]["reused_chunks"], 30, "{done}");
+    let info: serde_json::Value = serde_json::from_str(&abupdate_ok(&[
+        "bundle",
+        "info",
+        n.bundle_path.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let header_len = info["header_len"].as_u64().unwrap();
+    let fetched = done["fetch"]["bytes"].as_u64().unwrap();
+    assert!(
+        fetched <= header_len + 64 * 1024,
+        "fetched {fetched}: {done}"
+    );
+    assert_eq!(sha256_file(Path::new(&n.disk)), disk_hash, "disk changed");
+}

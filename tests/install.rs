@@ -433,3 +433,71 @@ fn sigterm_stops_cleanly_and_leaves_the_target_unbootable() {
     assert_running_slot_intact(&s);
     assert_eq!(status_json(&s.disk, &[])["next_boot"], "ROOT-A");
 }
+
+/// `--dry-run` runs every check an install makes and writes nothing: a good bundle reports
+/// what would happen (exit 0, no sentinel); bad ones fail with the same exit code as a real
+/// install. The disk file is byte-for-byte unchanged either way.
+#[test]
+fn dry_run_checks_everything_and_writes_nothing() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let s = setup();
+    let image = s.dir.join("v2.img");
+    make_image(&image, 2 * 1024 * 1024 + 100, 4);
+    let good = s.dir.join("good.abup");
+    make_bundle(&image, "2.0", "test-board", &good);
+    let big_image = s.dir.join("big.img");
+    make_image(&big_image, 8 * 1024 * 1024, 5);
+    let too_large = s.dir.join("big.abup");
+    make_bundle(&big_image, "2.0", "test-board", &too_large);
+    let other_board = s.dir.join("other.abup");
+    make_bundle(&image, "2.0", "other-board", &other_board);
+    let sentinel = s.dir.join("reboot-required");
+    let disk_hash = sha256_file(Path::new(&s.disk));
+
+    for (bundle, code) in [(&good, 0), (&too_large, 3), (&other_board, 8)] {
+        let mut args = install_args(bundle.to_str().unwrap(), &s.disk);
+        // install_args turns the sentinel off; a dry run must not write one either way.
+        args.retain(|a| a != "--no-sentinel");
+        args.extend(
+            [
+                "--sentinel",
+                sentinel.to_str().unwrap(),
+                "--dry-run",
+                "--adaptive",
+                "--json",
+            ]
+            .iter()
+            .map(|a| a.to_string()),
+        );
+        let out = abupdate(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{}: {stderr}",
+            bundle.display()
+        );
+        if code == 0 {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let done: serde_json::Value =
+                serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+            assert_eq!(done["action"], "dry-run", "{done}");
+            assert_eq!(done["report"]["target"], "ROOT-B", "{done}");
+            assert_eq!(done["report"]["dry_run"], true, "{done}");
+            assert!(
+                done["report"]["adaptive"]["chunks"].as_u64().unwrap() > 0,
+                "{done}"
+            );
+        }
+        assert_eq!(
+            sha256_file(Path::new(&s.disk)),
+            disk_hash,
+            "{}: the dry run changed the disk",
+            bundle.display()
+        );
+        assert!(!sentinel.exists(), "a dry run wrote the sentinel");
+    }
+    assert_running_slot_intact(&s);
+}
