@@ -1281,13 +1281,7 @@ fn adaptive_install_downloads_only_the_chunks_the_running_slot_lacks() {
     // What is fetched, at most: the header and chunks 0-5 on the first connection (the
     // frames before chunk 5 are a gap small enough to read through), one read buffer
     // beyond that (STREAM_BUFFER, 64 KiB), then just chunk 20 and the tail (chunk 32).
-    let info: serde_json::Value = serde_json::from_str(&abupdate_ok(&[
-        "bundle",
-        "info",
-        n.bundle_path.to_str().unwrap(),
-        "--json",
-    ]))
-    .unwrap();
+    let info = bundle_info(&n.bundle_path);
     let frame = |i: usize| {
         info["header"]["chunks"][i]["compressed_len"]
             .as_u64()
@@ -1395,13 +1389,7 @@ fn adaptive_download_resumes_cut_connections_within_their_range() {
     }
     let n = adaptive_node();
     let bundle = std::fs::read(&n.bundle_path).unwrap();
-    let info: serde_json::Value = serde_json::from_str(&abupdate_ok(&[
-        "bundle",
-        "info",
-        n.bundle_path.to_str().unwrap(),
-        "--json",
-    ]))
-    .unwrap();
+    let info = bundle_info(&n.bundle_path);
     let frame = |i: usize| {
         info["header"]["chunks"][i]["compressed_len"]
             .as_u64()
@@ -1468,13 +1456,7 @@ fn adaptive_dry_run_over_http_reads_only_the_header() {
     let done = done_event(&out);
     assert_eq!(done["action"], "dry-run", "{done}");
     assert_eq!(done["report"]["adaptive"]["reused_chunks"], 30, "{done}");
-    let info: serde_json::Value = serde_json::from_str(&abupdate_ok(&[
-        "bundle",
-        "info",
-        n.bundle_path.to_str().unwrap(),
-        "--json",
-    ]))
-    .unwrap();
+    let info = bundle_info(&n.bundle_path);
     let header_len = info["header_len"].as_u64().unwrap();
     let fetched = done["fetch"]["bytes"].as_u64().unwrap();
     assert!(

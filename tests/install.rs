@@ -48,6 +48,22 @@ fn install_on(disk: &str, bundle: &Path, extra: &[&str]) -> std::process::Output
     abupdate(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// A v2 image and its good bundle, one too large for the slot, and one for another board:
+/// (image, good, too large, other board).
+fn good_and_policy_refused_bundles(s: &Setup) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let image = s.dir.join("v2.img");
+    make_image(&image, 2 * 1024 * 1024 + 100, 4);
+    let good = s.dir.join("good.abup");
+    make_bundle(&image, "2.0", "test-board", &good);
+    let big_image = s.dir.join("big.img");
+    make_image(&big_image, 8 * 1024 * 1024, 5);
+    let too_large = s.dir.join("big.abup");
+    make_bundle(&big_image, "2.0", "test-board", &too_large);
+    let other_board = s.dir.join("other.abup");
+    make_bundle(&image, "2.0", "other-board", &other_board);
+    (image, good, too_large, other_board)
+}
+
 fn assert_running_slot_intact(s: &Setup) {
     let (a_off, a_len) = partition_range(&s.disk, 1);
     assert_eq!(
@@ -163,19 +179,10 @@ fn bad_bundles_are_refused_and_the_running_slot_still_boots() {
         return;
     }
     let s = setup();
-    let image = s.dir.join("v2.img");
-    make_image(&image, 2 * 1024 * 1024 + 100, 4);
-    let good = s.dir.join("good.abup");
-    make_bundle(&image, "2.0", "test-board", &good);
+    let (image, good, too_large, other_board) = good_and_policy_refused_bundles(&s);
     let good_bytes = std::fs::read(&good).unwrap();
     let header_len = {
-        let info: serde_json::Value = serde_json::from_str(&abupdate_ok(&[
-            "bundle",
-            "info",
-            good.to_str().unwrap(),
-            "--json",
-        ]))
-        .unwrap();
+        let info = bundle_info(&good);
         info["header_len"].as_u64().unwrap() as usize
     };
     let variant = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
@@ -193,12 +200,6 @@ fn bad_bundles_are_refused_and_the_running_slot_still_boots() {
     let truncated = variant("truncated.abup", &|b| {
         b.truncate(header_len + (b.len() - header_len) * 2 / 3)
     });
-    let big_image = s.dir.join("big.img");
-    make_image(&big_image, 8 * 1024 * 1024, 5);
-    let too_large = s.dir.join("big.abup");
-    make_bundle(&big_image, "2.0", "test-board", &too_large);
-    let other_board = s.dir.join("other.abup");
-    make_bundle(&image, "2.0", "other-board", &other_board);
     let other_key_dir = s.dir.join("otherkeys");
     std::fs::create_dir(&other_key_dir).unwrap();
     let k = other_key_dir.join("other");
@@ -443,16 +444,7 @@ fn dry_run_checks_everything_and_writes_nothing() {
         return;
     }
     let s = setup();
-    let image = s.dir.join("v2.img");
-    make_image(&image, 2 * 1024 * 1024 + 100, 4);
-    let good = s.dir.join("good.abup");
-    make_bundle(&image, "2.0", "test-board", &good);
-    let big_image = s.dir.join("big.img");
-    make_image(&big_image, 8 * 1024 * 1024, 5);
-    let too_large = s.dir.join("big.abup");
-    make_bundle(&big_image, "2.0", "test-board", &too_large);
-    let other_board = s.dir.join("other.abup");
-    make_bundle(&image, "2.0", "other-board", &other_board);
+    let (_, good, too_large, other_board) = good_and_policy_refused_bundles(&s);
     let sentinel = s.dir.join("reboot-required");
     let disk_hash = sha256_file(Path::new(&s.disk));
 

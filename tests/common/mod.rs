@@ -371,3 +371,14 @@ pub fn wait_for_flock(child: &mut std::process::Child) {
     }
     panic!("pid {pid} never took its lock");
 }
+
+/// `abupdate bundle info BUNDLE --json`, parsed.
+pub fn bundle_info(bundle: &Path) -> serde_json::Value {
+    serde_json::from_str(&abupdate_ok(&[
+        "bundle",
+        "info",
+        bundle.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap()
+}
