@@ -54,8 +54,8 @@ pub struct LocalChunks {
     /// (first-block hash, block number) of every 4 KiB block, sorted: 8 bytes a block, so a
     /// 4 GiB slot costs 8 MiB.
     blocks: Vec<(u32, u32)>,
-    /// Length of the indexed data.
-    pub len: u64,
+    /// Length of the indexed data (candidates must end within it).
+    pub indexed_len: u64,
     /// Bytes hashed to build the index.
     pub bytes_hashed: u64,
 }
@@ -124,16 +124,6 @@ impl LocalChunks {
                     .is_ok()
             })
     }
-
-    /// Number of distinct chunk hashes.
-    pub fn len(&self) -> usize {
-        self.by_hash.len()
-    }
-
-    /// Whether nothing was indexed.
-    pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty() && self.blocks.is_empty()
-    }
 }
 
 /// Where one chunk of the new image comes from.
@@ -195,7 +185,7 @@ pub fn plan(
         let own = header.chunk_image_offset(i as u32);
         let fits = |c: u64| {
             c.checked_add(len as u64)
-                .is_some_and(|end| end <= local.len)
+                .is_some_and(|end| end <= local.indexed_len)
         };
         let found = local.find(&entry.sha256).or_else(|| {
             let first = first_blocks.as_ref()?[i];
@@ -251,7 +241,7 @@ pub fn index_view(
         .filter(|&(_, l)| l > 0 && l < chunk_size);
     let with_blocks = header.first_block_hashes().is_some();
     let mut local = LocalChunks {
-        len,
+        indexed_len: len,
         ..LocalChunks::default()
     };
     let mut buf = vec![0u8; chunk_size as usize];

@@ -1203,25 +1203,6 @@ pub const STREAM_BUFFER: usize = 64 * 1024;
 /// was already in flight.
 pub const RECONNECT_GAP: u64 = 256 * 1024;
 
-/// Forward-only seeking, so a `BufReader<HttpSource>` can `seek_relative` past bytes it does
-/// not need ([`HttpSource::skip_ahead`]). `SeekFrom::Current(0)` tells the position; going
-/// back or seeking from either end is refused.
-impl io::Seek for HttpSource {
-    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
-        match pos {
-            io::SeekFrom::Current(delta) if delta >= 0 => {
-                self.skip_ahead(delta as u64, None)
-                    .map_err(io::Error::other)?;
-                Ok(self.position)
-            }
-            _ => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "a bundle download only skips forward",
-            )),
-        }
-    }
-}
-
 fn check_url(url: &str) -> Result<(), HttpError> {
     if is_url(url) {
         Ok(())

@@ -31,11 +31,6 @@ pub trait BundleSource: Read + Send {
         Ok(())
     }
 
-    /// Whether [`BundleSource::skip_ahead`] avoids reading the bytes it skips.
-    fn skips_without_reading(&self) -> bool {
-        false
-    }
-
     /// Gaps up to this many bytes are cheaper to read through than to skip (a download's
     /// new request costs a round trip), so a caller may ask for the bytes after such a gap
     /// together with the ones before it. 0: skipping is always cheaper.
@@ -66,9 +61,6 @@ impl BundleSource for BufReader<File> {
         }
         Ok(())
     }
-    fn skips_without_reading(&self) -> bool {
-        true
-    }
 }
 
 impl BundleSource for BufReader<HttpSource> {
@@ -85,9 +77,6 @@ impl BundleSource for BufReader<HttpSource> {
             .skip_ahead(n - buffered, next_read)
             .map_err(io::Error::other)
     }
-    fn skips_without_reading(&self) -> bool {
-        true
-    }
     fn read_through_gap(&self) -> u64 {
         crate::http::RECONNECT_GAP
     }
@@ -103,9 +92,6 @@ impl BundleSource for Cursor<&[u8]> {}
 impl<S: BundleSource + ?Sized> BundleSource for Box<S> {
     fn skip_ahead(&mut self, n: u64, next_read: Option<u64>) -> io::Result<()> {
         (**self).skip_ahead(n, next_read)
-    }
-    fn skips_without_reading(&self) -> bool {
-        (**self).skips_without_reading()
     }
     fn read_through_gap(&self) -> u64 {
         (**self).read_through_gap()
@@ -143,7 +129,6 @@ mod tests {
         src.skip_ahead(200_000, None).unwrap(); // past it
         src.read_exact(&mut b).unwrap();
         assert_eq!(b, data[200_110..200_115]);
-        assert!(src.skips_without_reading());
         let err = src.skip_ahead(100_000, None).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
