@@ -670,7 +670,8 @@ pub fn write_slot<D: SlotBacking, R: BundleSource>(
         };
         let result = match &adaptive {
             Some(indexed) => {
-                stream_adaptive(&mut writer, reader, &indexed.plan, &*indexed.view).map(Some)
+                stream_adaptive(&mut writer, reader, &header, &indexed.plan, &*indexed.view)
+                    .map(Some)
             }
             None => stream_into_slot(&mut writer, reader, workers).map(|()| None),
         };
@@ -898,10 +899,10 @@ fn stream_into_slot<R: Read + Send>(
 fn stream_adaptive<R: BundleSource>(
     writer: &mut ChunkWriter<'_>,
     reader: &mut BundleReader<R>,
+    header: &crate::bundle::BundleHeader,
     plan: &Plan,
     running: &dyn ReadOnlyView,
 ) -> Result<u32, InstallError> {
-    let header = reader.header().clone();
     let mut local = vec![0u8; header.chunk_size as usize];
     let mut pending_skip = 0u32;
     let mut fallbacks = 0u32;
@@ -928,8 +929,8 @@ fn stream_adaptive<R: BundleSource>(
             continue;
         }
         if pending_skip > 0 {
-            let next_read = bytes_to_read_from(&header, plan, i, gap);
-            reader.skip_chunks(pending_skip, |r, n| r.skip_ahead(n, Some(next_read)))?;
+            let next_read = bytes_to_read_from(header, plan, i, gap);
+            reader.skip_chunks(pending_skip, Some(next_read))?;
             pending_skip = 0;
         }
         let chunk = reader.next_chunk()?.ok_or_else(|| {
@@ -940,7 +941,7 @@ fn stream_adaptive<R: BundleSource>(
         writer.put(chunk.image_offset, chunk.data)?;
     }
     // Skipping the last run also runs the end-of-bundle checks (nothing trails the payload).
-    reader.skip_chunks(pending_skip, |r, n| r.skip_ahead(n, None))?;
+    reader.skip_chunks(pending_skip, None)?;
     Ok(fallbacks)
 }
 

@@ -23,6 +23,7 @@ use super::format::{
     max_compressed_len, read_full, read_verified_header, BundleHeader, VerifiedHeader,
 };
 use super::keys::{KeyId, Keyring};
+use super::source::BundleSource;
 
 /// A chunk whose SHA-256 matched the signed chunk table.
 pub struct VerifiedChunk<'a> {
@@ -375,19 +376,17 @@ impl<R: Read> BundleReader<R> {
         }
     }
 
-    /// Moves past the next `count` chunks without reading their frames: `skip` is called
-    /// once to advance the underlying reader by their total length
-    /// ([`crate::bundle::BundleSource::skip_ahead`]; one call, so a download makes one new
-    /// request for a whole run). For a caller that has those chunks' bytes from elsewhere and
-    /// checks them against the same signed chunk hashes ([`BundleHeader::chunks`]), as an
-    /// adaptive install does. The stream's whole-image hash cannot cover skipped chunks, so it
-    /// is turned off: the caller must check the whole image another way (the install reads
-    /// the slot back).
-    pub fn skip_chunks(
-        &mut self,
-        count: u32,
-        skip: impl FnOnce(&mut R, u64) -> io::Result<()>,
-    ) -> Result<(), BundleError> {
+    /// Moves past the next `count` chunks without reading their frames, with one
+    /// [`BundleSource::skip_ahead`] over their total length (one call, so a download makes
+    /// one new request for a whole run); `next_read` is passed on as the hint of how much is
+    /// read after. For a caller that has those chunks' bytes from elsewhere and checks them
+    /// against the same signed chunk hashes ([`BundleHeader::chunks`]), as an adaptive install
+    /// does. The stream's whole-image hash cannot cover skipped chunks, so it is turned off:
+    /// the caller must check the whole image another way (the install reads the slot back).
+    pub fn skip_chunks(&mut self, count: u32, next_read: Option<u64>) -> Result<(), BundleError>
+    where
+        R: BundleSource,
+    {
         if self.failed {
             return Err(BundleError::ReaderFailed);
         }
@@ -408,7 +407,7 @@ impl<R: Read> BundleReader<R> {
             .map(|c| u64::from(c.compressed_len))
             .sum();
         self.image_hasher = None;
-        let result = skip(&mut self.inner, bytes).map_err(|e| {
+        let result = self.inner.skip_ahead(bytes, next_read).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 BundleError::Truncated {
                     section: Section::Chunk(first),
