@@ -428,26 +428,34 @@ pub fn install<D: SlotBacking, R: BundleSource>(
         slot: running,
         image_len: running_record.as_ref().map(|r| r.image_size),
     });
-    if options.dry_run {
-        let indexed = prepare_target(disk, target, &header, reuse, events)?;
-        return Ok(InstallReport {
+    let report =
+        |written: SlotWritten, attributes: SlotAttributes, sentinel, dry_run| InstallReport {
             running: slots[running].name.clone(),
             target: slots[target].name.clone(),
             version: header.image_version.clone(),
             image_size: header.image_size,
             sha256: hex::encode(header.image_sha256),
+            write_seconds: written.write_seconds,
+            verify_seconds: written.verify_seconds,
+            total_seconds: started.elapsed().as_secs_f64(),
+            direct_io: written.direct_io,
+            attributes: attributes.to_string(),
+            sentinel,
+            adaptive: written.adaptive,
+            dry_run,
+        };
+    if options.dry_run {
+        let indexed = prepare_target(disk, target, &header, reuse, events)?;
+        let nothing_written = SlotWritten {
             write_seconds: 0.0,
             verify_seconds: 0.0,
-            total_seconds: started.elapsed().as_secs_f64(),
             direct_io: false,
-            attributes: attrs[target].to_string(),
-            sentinel: None,
             adaptive: indexed.map(|i| AdaptiveOutcome {
                 planned: i.plan.summary,
                 fallbacks: 0,
             }),
-            dry_run: true,
-        });
+        };
+        return Ok(report(nothing_written, attrs[target], None, true));
     }
     let written = write_slot(
         disk,
@@ -458,14 +466,14 @@ pub fn install<D: SlotBacking, R: BundleSource>(
         cancel,
         events,
     )?;
-    let (write_seconds, verify_seconds) = (written.write_seconds, written.verify_seconds);
 
     // 8. Flip. Re-read the slots: the write above went through the partition, not the GPT,
-    // so the in-memory GPT is current; the invalidated state is the base.
-    let slots = disk.slots()?;
-    let now: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
+    // so the in-memory GPT is current; the invalidated state is the base (the writer writes
+    // what differs from the slots it is given).
+    let current = disk.slots()?;
+    let now: Vec<SlotAttributes> = current.iter().map(|s| s.attrs).collect();
     let flipped = select::activate_for_trial(&now, target, options.tries);
-    disk.write_slot_attributes(&slots, &flipped)?;
+    disk.write_slot_attributes(&current, &flipped)?;
     events(InstallEvent::Activated {
         slot: slots[target].name.clone(),
         attributes: flipped[target].to_string(),
@@ -484,21 +492,7 @@ pub fn install<D: SlotBacking, R: BundleSource>(
         }
         None => None,
     };
-    Ok(InstallReport {
-        running: slots[running].name.clone(),
-        target: slots[target].name.clone(),
-        version: header.image_version.clone(),
-        image_size: header.image_size,
-        sha256: hex::encode(header.image_sha256),
-        write_seconds,
-        verify_seconds,
-        total_seconds: started.elapsed().as_secs_f64(),
-        direct_io: written.direct_io,
-        attributes: flipped[target].to_string(),
-        sentinel,
-        adaptive: written.adaptive,
-        dry_run: false,
-    })
+    Ok(report(written, flipped[target], sentinel, false))
 }
 
 /// Timings of [`write_slot`].
