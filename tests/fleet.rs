@@ -1234,6 +1234,18 @@ fn adaptive_node() -> AdaptiveNode {
 }
 
 impl AdaptiveNode {
+    /// `abupdate install SOURCE --adaptive --json` on this node's disk, plus `extra`.
+    fn install(&self, source: &str, extra: &[&str]) -> Output {
+        let mut args = install_args(source, &self.disk);
+        args.extend(
+            ["--adaptive", "--json"]
+                .iter()
+                .chain(extra)
+                .map(|a| a.to_string()),
+        );
+        abu(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
     /// Checks a successful adaptive install: ROOT-B holds v2 and boots next, ROOT-A is
     /// unchanged, 30 of 33 chunks were copied; returns the `done` event.
     fn assert_installed(&self, out: &Output) -> serde_json::Value {
@@ -1271,9 +1283,7 @@ fn adaptive_install_downloads_only_the_chunks_the_running_slot_lacks() {
     let srv = Server::start();
     srv.put("/v2.abup", bundle.clone());
     let url = srv.url("/v2.abup");
-    let mut args = install_args(&url, &n.disk);
-    args.extend(["--adaptive".to_string(), "--json".to_string()]);
-    let out = abu(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = n.install(&url, &[]);
     let done = n.assert_installed(&out);
     let fetch = &done["fetch"];
     let fetched = fetch["bytes"].as_u64().unwrap();
@@ -1361,9 +1371,7 @@ fn adaptive_install_finds_chunks_moved_by_whole_blocks() {
     std::fs::write(&v2, &image).unwrap();
     let bundle = dir.path().join("v2-moved.abup");
     bundle_64k(&v2, "2.0", &bundle);
-    let mut args = install_args(bundle.to_str().unwrap(), &n.disk);
-    args.extend(["--adaptive".to_string(), "--json".to_string()]);
-    let out = abu(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = n.install(bundle.to_str().unwrap(), &[]);
     assert!(out.status.success(), "{}", text(&out));
     let (b_off, _) = partition_range(&n.disk, 2);
     assert_eq!(
@@ -1411,13 +1419,7 @@ fn adaptive_download_resumes_cut_connections_within_their_range() {
         },
     );
     let url = srv.url("/v2.abup");
-    let mut args = install_args(&url, &n.disk);
-    args.extend(
-        ["--adaptive", "--json", "--retry-delay", "10ms"]
-            .iter()
-            .map(|a| a.to_string()),
-    );
-    let out = abu(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = n.install(&url, &["--retry-delay", "10ms"]);
     let done = n.assert_installed(&out);
     assert_eq!(done["fetch"]["retries"], 1, "{done}");
     let requests = srv.requests_for("/v2.abup");
@@ -1445,13 +1447,7 @@ fn adaptive_dry_run_over_http_reads_only_the_header() {
     let srv = Server::start();
     srv.put("/v2.abup", bundle);
     let url = srv.url("/v2.abup");
-    let mut args = install_args(&url, &n.disk);
-    args.extend(
-        ["--adaptive", "--dry-run", "--json"]
-            .iter()
-            .map(|a| a.to_string()),
-    );
-    let out = abu(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = n.install(&url, &["--dry-run"]);
     assert!(out.status.success(), "{}", text(&out));
     let done = done_event(&out);
     assert_eq!(done["action"], "dry-run", "{done}");
