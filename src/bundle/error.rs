@@ -329,6 +329,17 @@ pub enum BundleError {
     Key(#[from] KeyError),
 }
 
+/// Joins a pipeline thread of the bundle reader or writer; a panic becomes
+/// [`BundleError::Internal`] naming `what` panicked.
+pub(crate) fn join_pipeline_thread<T>(
+    handle: std::thread::ScopedJoinHandle<'_, Result<T, BundleError>>,
+    what: &str,
+) -> Result<T, BundleError> {
+    handle
+        .join()
+        .unwrap_or_else(|_| Err(BundleError::Internal(format!("{what} panicked"))))
+}
+
 impl BundleError {
     /// Builds an [`BundleError::Io`] with a context string.
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
 
-use super::error::{BundleError, Section};
+use super::error::{join_pipeline_thread, BundleError, Section};
 use super::format::{
     max_compressed_len, read_full, read_verified_header, BundleHeader, VerifiedHeader,
 };
@@ -560,18 +560,10 @@ impl<R: Read> BundleReader<R> {
             }
             drop(done_tx);
             let collected = collect_in_order(header, first, hasher, done_rx, slot_tx, sink);
-            let read_result = reader.join().unwrap_or_else(|_| {
-                Err(BundleError::Internal(
-                    "bundle reader thread panicked".into(),
-                ))
-            });
+            let read_result = join_pipeline_thread(reader, "bundle reader thread");
             let worker_results: Vec<Result<(), BundleError>> = handles
                 .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(BundleError::Internal("decode worker panicked".into()))
-                    })
-                })
+                .map(|h| join_pipeline_thread(h, "decode worker"))
                 .collect();
             (collected, read_result, worker_results)
         });

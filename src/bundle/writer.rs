@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
 
-use super::error::BundleError;
+use super::error::{join_pipeline_thread, BundleError};
 use super::format::{
     check_chunk_size, check_image_size, check_string, BundleHeader, ChunkEntry, Compression,
     Extension, EXT_FIRST_BLOCK_HASHES, FIRST_BLOCK_HASH_LEN, FIRST_BLOCK_LEN, FORMAT_VERSION,
@@ -303,16 +303,10 @@ fn compress_chunks(
             temp,
             progress,
         );
-        let read_result = reader
-            .join()
-            .unwrap_or_else(|_| Err(BundleError::Internal("image reader thread panicked".into())));
+        let read_result = join_pipeline_thread(reader, "image reader thread");
         let worker_results: Vec<Result<(), BundleError>> = handles
             .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(BundleError::Internal("compression worker panicked".into()))
-                })
-            })
+            .map(|h| join_pipeline_thread(h, "compression worker"))
             .collect();
         (collected, read_result, worker_results)
     });
