@@ -1461,3 +1461,58 @@ fn adaptive_dry_run_over_http_reads_only_the_header() {
     );
     assert_eq!(sha256_file(Path::new(&n.disk)), disk_hash, "disk changed");
 }
+
+/// A bundle file cut short inside the last run of frames an adaptive install skips (seeking
+/// past them, reading nothing after) is still refused as truncated, although every chunk
+/// would come from ROOT-A: exit 3, the running slot untouched and still the one that boots
+/// next.
+#[test]
+fn adaptive_install_refuses_a_bundle_truncated_inside_a_skipped_run() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let n = adaptive_node();
+    // v2 = ROOT-A's v1 with chunk 5 changed: chunks 6 to the end all come from ROOT-A.
+    let (a_off, a_len) = partition_range(&n.disk, 1);
+    let mut image = {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&n.disk).unwrap();
+        let mut bytes = vec![0u8; 2 * 1024 * 1024 + 777];
+        f.seek(SeekFrom::Start(a_off)).unwrap();
+        f.read_exact(&mut bytes).unwrap();
+        bytes
+    };
+    image[5 * 65536 + 10] ^= 1;
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = dir.path().join("v2-one-change.img");
+    std::fs::write(&v2, &image).unwrap();
+    let bundle = dir.path().join("v2-one-change.abup");
+    bundle_64k(&v2, "2.0", &bundle);
+    let info = bundle_info(&bundle);
+    let frame = |i: usize| {
+        info["header"]["chunks"][i]["compressed_len"]
+            .as_u64()
+            .unwrap()
+    };
+    // Cut the file in the middle of chunk 20's frame, inside the final skipped run 6-32.
+    let cut =
+        info["header_len"].as_u64().unwrap() + (0..20).map(frame).sum::<u64>() + frame(20) / 2;
+    let bytes = std::fs::read(&bundle).unwrap();
+    let truncated = dir.path().join("v2-one-change.truncated");
+    std::fs::write(&truncated, &bytes[..cut as usize]).unwrap();
+    let out = n.install(truncated.to_str().unwrap(), &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("truncated"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        sha256_range(Path::new(&n.disk), a_off, a_len),
+        n.running_hash,
+        "running slot changed"
+    );
+    assert_eq!(status_json(&n.disk, &[])["next_boot"], "ROOT-A");
+    assert_eq!(cgpt_fields(&n.disk, 2).0, 0, "ROOT-B must be unbootable");
+    assert_sgdisk_clean(&n.disk);
+}
