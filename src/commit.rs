@@ -55,6 +55,30 @@ pub enum CommitError {
         /// The slot.
         slot: String,
     },
+    /// A health check failed on a committed (successful) slot, which was left as it was.
+    #[error("health check failed: {check}: {outcome}; {slot} NOT marked bad: it is committed ({state}), not on trial; pass --mark-bad-committed to fall back anyway")]
+    CheckFailedOnCommittedSlot {
+        /// The check command.
+        check: String,
+        /// What happened.
+        outcome: CheckOutcome,
+        /// The slot.
+        slot: String,
+        /// Its attributes.
+        state: String,
+    },
+    /// The change would make a slot bootable (or successful) whose content is not verified.
+    #[error("refusing to make {slot} bootable ({before} -> {after}): {why}; use --force to do it anyway")]
+    Unverified {
+        /// The slot.
+        slot: String,
+        /// Its attributes now.
+        before: String,
+        /// The attributes asked for.
+        after: String,
+        /// Why its content is not trusted.
+        why: crate::footer::Unverified,
+    },
     /// There are not exactly two slots, so "the other slot" is ambiguous.
     #[error("rollback needs exactly two slots, found {0}")]
     NotTwoSlots(usize),
@@ -152,14 +176,39 @@ pub struct SlotChange {
     pub bytes_written: u64,
 }
 
+/// Whether going from `before` to `after` gives a slot more trust: it becomes bootable, or
+/// becomes successful. Such a change is only made for a slot whose content matches its record.
+fn gains_trust(before: SlotAttributes, after: SlotAttributes) -> bool {
+    after.is_bootable() && (!before.is_bootable() || (after.successful() && !before.successful()))
+}
+
+/// Applies `op` to the slots' attributes and writes the result, after checking (unless
+/// `force`) that every slot the change makes bootable or successful holds verified content
+/// ([`crate::footer::verify_slot`]). Every slot operation goes through here.
 fn apply<D: BlockDevice>(
     disk: &mut AbDisk<D>,
     index: usize,
+    force: bool,
     op: impl FnOnce(&[SlotAttributes]) -> Result<Vec<SlotAttributes>, CommitError>,
 ) -> Result<SlotChange, CommitError> {
     let slots = disk.slots()?;
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
     let new = op(&attrs)?;
+    if !force {
+        let sector_size = disk.dev.sector_size();
+        for (i, slot) in slots.iter().enumerate() {
+            if gains_trust(attrs[i], new[i]) {
+                crate::footer::verify_slot(&mut disk.dev, slot, sector_size).map_err(|why| {
+                    CommitError::Unverified {
+                        slot: slot.name.clone(),
+                        before: attrs[i].to_string(),
+                        after: new[i].to_string(),
+                        why,
+                    }
+                })?;
+            }
+        }
+    }
     let bytes_written = disk.write_slot_attributes(&slots, &new)?;
     Ok(SlotChange {
         slot: slots[index].name.clone(),
@@ -169,12 +218,29 @@ fn apply<D: BlockDevice>(
     })
 }
 
-/// Marks slot `index` good: successful, no tries, priority above the others.
+/// Marks slot `index` good: successful, no tries, priority above the others. A slot that was
+/// not already good must hold verified content, unless `force`.
 pub fn mark_good<D: BlockDevice>(
     disk: &mut AbDisk<D>,
     index: usize,
+    force: bool,
 ) -> Result<SlotChange, CommitError> {
-    apply(disk, index, |a| Ok(select::mark_good(a, index)))
+    apply(disk, index, force, |a| Ok(select::mark_good(a, index)))
+}
+
+/// Sets slot `index`'s attributes to `new` (the low-level `set-attributes`). Making an
+/// unverified slot bootable needs `force`, like [`mark_good`].
+pub fn set_attributes<D: BlockDevice>(
+    disk: &mut AbDisk<D>,
+    index: usize,
+    new: SlotAttributes,
+    force: bool,
+) -> Result<SlotChange, CommitError> {
+    apply(disk, index, force, |a| {
+        let mut all = a.to_vec();
+        all[index] = new;
+        Ok(all)
+    })
 }
 
 /// Marks slot `index` bad: P0 T0 S0, so the next boot falls back. Refused when no other slot
@@ -185,7 +251,7 @@ pub fn mark_bad<D: BlockDevice>(
     force: bool,
 ) -> Result<SlotChange, CommitError> {
     let names: Vec<String> = disk.slots()?.iter().map(|s| s.name.clone()).collect();
-    apply(disk, index, |a| {
+    apply(disk, index, force, |a| {
         if force {
             let mut new = a.to_vec();
             new[index] = select::mark_bad(a[index]);
@@ -214,7 +280,7 @@ pub fn rollback<D: BlockDevice>(
     }
     let other = 1 - running;
     let name = slots[other].name.clone();
-    apply(disk, other, |a| {
+    apply(disk, other, false, |a| {
         select::rollback_to(a, other).map_err(|r| CommitError::RollbackRefused {
             slot: name,
             reason: match r {
@@ -237,15 +303,30 @@ pub struct CommitReport {
     pub healthy: bool,
 }
 
-/// Runs the checks in order; all pass → mark good; the first failure → mark bad and return
-/// [`CommitError::CheckFailed`] (after the write) — unless the slot is the only bootable one,
-/// which is left alone ([`CommitError::CheckFailedOnLastSlot`]): falling back needs somewhere
-/// to fall back to. A commit on a slot that is already good writes nothing.
+/// What a health commit may do beyond the default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitPolicy {
+    /// Mark a slot good even if its content does not match its record.
+    pub force: bool,
+    /// On a failed check, mark the slot bad even when it is committed (successful).
+    pub mark_bad_committed: bool,
+}
+
+/// Runs the checks in order; all pass → mark good (the slot's content is verified against its
+/// record first, unless [`CommitPolicy::force`]); the first failure → mark bad and return
+/// [`CommitError::CheckFailed`] (after the write), but only for a slot on trial (not
+/// successful). A committed slot is left as it was ([`CommitError::CheckFailedOnCommittedSlot`])
+/// unless [`CommitPolicy::mark_bad_committed`]: the health-commit unit runs at every boot, and a
+/// passing glitch (a slow network at boot) must not roll a long-good system back to an older
+/// release that `update` would then never leave. The only bootable slot is never marked bad
+/// ([`CommitError::CheckFailedOnLastSlot`]): falling back needs somewhere to fall back to. A
+/// commit on a slot that is already good writes nothing.
 pub fn commit<D: BlockDevice>(
     disk: &mut AbDisk<D>,
     index: usize,
     checks: &[String],
     timeout: Duration,
+    policy: CommitPolicy,
     mut on_check: impl FnMut(&str, &CheckOutcome),
 ) -> Result<CommitReport, CommitError> {
     let mut results = Vec::new();
@@ -254,25 +335,35 @@ pub fn commit<D: BlockDevice>(
         on_check(check, &outcome);
         let passed = outcome == CheckOutcome::Passed;
         results.push((check.clone(), outcome.clone()));
-        if !passed {
-            return match mark_bad(disk, index, false) {
-                Ok(change) => Err(CommitError::CheckFailed {
+        if passed {
+            continue;
+        }
+        let slot = &disk.slots()?[index];
+        if slot.attrs.successful() && !policy.mark_bad_committed {
+            return Err(CommitError::CheckFailedOnCommittedSlot {
+                check: check.clone(),
+                outcome,
+                slot: slot.name.clone(),
+                state: slot.attrs.to_string(),
+            });
+        }
+        return match mark_bad(disk, index, false) {
+            Ok(change) => Err(CommitError::CheckFailed {
+                check: check.clone(),
+                outcome,
+                slot: change.slot,
+            }),
+            Err(CommitError::LastBootableSlot { slot, .. }) => {
+                Err(CommitError::CheckFailedOnLastSlot {
                     check: check.clone(),
                     outcome,
-                    slot: change.slot,
-                }),
-                Err(CommitError::LastBootableSlot { slot, .. }) => {
-                    Err(CommitError::CheckFailedOnLastSlot {
-                        check: check.clone(),
-                        outcome,
-                        slot,
-                    })
-                }
-                Err(other) => Err(other),
-            };
-        }
+                    slot,
+                })
+            }
+            Err(other) => Err(other),
+        };
     }
-    let change = mark_good(disk, index)?;
+    let change = mark_good(disk, index, policy.force)?;
     Ok(CommitReport {
         checks: results,
         change,

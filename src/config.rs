@@ -230,12 +230,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         reason,
     };
     if let Some(labels) = &config.labels {
-        if labels.len() != 2 || labels[0] == labels[1] || labels.iter().any(|l| l.is_empty()) {
-            return Err(invalid(
-                "labels",
-                format!("need two different labels, got {labels:?}"),
-            ));
-        }
+        // The same check as for --labels and ABUPDATE_LABELS (crate::layout).
+        crate::layout::SlotLabels::new(labels.clone())
+            .map_err(|e| invalid("labels", e.to_string()))?;
     }
     if let Some(ss) = config.sector_size {
         if ss != 512 && ss != 4096 {

@@ -54,7 +54,7 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = err.downcast_ref::<HttpError>() {
         return Some(classify_http(e));
     }
-    if err.is::<ConfigError>() {
+    if err.is::<ConfigError>() || err.is::<crate::layout::LabelError>() {
         return Some(Exit::Usage);
     }
     if let Some(e) = err.downcast_ref::<ChannelError>() {
@@ -116,12 +116,12 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     }
     if let Some(e) = err.downcast_ref::<CommitError>() {
         return Some(match e {
-            CommitError::CheckFailed { .. } | CommitError::CheckFailedOnLastSlot { .. } => {
-                Exit::HealthCheckFailed
-            }
-            CommitError::RollbackRefused { .. } | CommitError::LastBootableSlot { .. } => {
-                Exit::Refused
-            }
+            CommitError::CheckFailed { .. }
+            | CommitError::CheckFailedOnLastSlot { .. }
+            | CommitError::CheckFailedOnCommittedSlot { .. } => Exit::HealthCheckFailed,
+            CommitError::RollbackRefused { .. }
+            | CommitError::LastBootableSlot { .. }
+            | CommitError::Unverified { .. } => Exit::Refused,
             CommitError::Slot(_) | CommitError::NotTwoSlots(_) => Exit::Disk,
         });
     }

@@ -136,6 +136,79 @@ pub fn read_record<D: crate::blockdev::BlockDevice>(
     SlotRecord::decode(&block)
 }
 
+/// Why a slot's content cannot be trusted ([`verify_slot`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unverified {
+    /// No valid record: nothing was installed, or an install did not finish.
+    #[error("it has no slot record (nothing verified was installed there, or an install into it did not finish)")]
+    NoRecord,
+    /// The record names an image larger than the slot can hold.
+    #[error("its slot record names a {image_size}-byte image, larger than the slot")]
+    TooLarge {
+        /// Image size in the record.
+        image_size: u64,
+    },
+    /// The slot's bytes do not hash to the recorded SHA-256.
+    #[error("its content does not match its slot record (version {version}: SHA-256 {found}, recorded {recorded})")]
+    Mismatch {
+        /// The recorded version.
+        version: String,
+        /// Recorded hash, hex.
+        recorded: String,
+        /// Computed hash, hex.
+        found: String,
+    },
+    /// The slot could not be read.
+    #[error("reading it failed at byte offset {offset}: {error}")]
+    Unreadable {
+        /// Byte offset within the slot.
+        offset: u64,
+        /// The OS error text.
+        error: String,
+    },
+}
+
+/// Checks that `slot` holds what its record says: the record is valid and the first
+/// `image_size` bytes hash to the recorded SHA-256. Costs one read of the image; used before
+/// a command makes a slot bootable that was not (mark-good, commit, set-attributes), so a
+/// slot whose install was cut short is never made the next boot by hand.
+pub fn verify_slot<D: crate::blockdev::BlockDevice>(
+    dev: &mut D,
+    slot: &crate::slots::Slot,
+    sector_size: u32,
+) -> Result<SlotRecord, Unverified> {
+    use sha2::{Digest, Sha256};
+    let record = read_record(dev, slot, sector_size).ok_or(Unverified::NoRecord)?;
+    if record.image_size > max_image_size(slot.size_bytes(sector_size)) {
+        return Err(Unverified::TooLarge {
+            image_size: record.image_size,
+        });
+    }
+    let base = slot.offset_bytes(sector_size);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < record.image_size {
+        let n = (record.image_size - done).min(buf.len() as u64) as usize;
+        dev.read_at(&mut buf[..n], base + done)
+            .map_err(|e| Unverified::Unreadable {
+                offset: done,
+                error: e.to_string(),
+            })?;
+        hasher.update(&buf[..n]);
+        done += n as u64;
+    }
+    let found: [u8; 32] = hasher.finalize().into();
+    if found != record.image_sha256 {
+        return Err(Unverified::Mismatch {
+            version: record.version.clone(),
+            recorded: hex::encode(record.image_sha256),
+            found: hex::encode(found),
+        });
+    }
+    Ok(record)
+}
+
 /// Largest image that fits a slot of `slot_bytes` (the record takes the last 4 KiB).
 pub fn max_image_size(slot_bytes: u64) -> u64 {
     slot_bytes.saturating_sub(RECORD_BYTES)

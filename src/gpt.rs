@@ -621,34 +621,67 @@ impl Gpt {
         }
     }
 
-    /// Builds the header for `which` copy describing `entries`, based on the in-use header.
-    fn header_for(&self, which: Which, entries: &[u8]) -> Header {
-        let base = self.current().header.clone();
-        let array_sectors = base
+    /// Sectors of the entry array.
+    fn array_sectors(&self) -> u64 {
+        self.current()
+            .header
             .entry_array_bytes()
-            .div_ceil(u64::from(self.sector_size));
+            .div_ceil(u64::from(self.sector_size))
+    }
+
+    /// Where copy `which` lives, or would be written: (header LBA, first LBA of its entry
+    /// array, the other header's LBA).
+    fn copy_lbas(&self, which: Which) -> (u64, u64, u64) {
         let backup_lba = self.backup_header_lba();
-        let mut h = base;
         match which {
             Which::Primary => {
                 let entries_lba = match &self.primary {
                     Ok(p) => p.header.entries_lba(),
                     Err(_) => 2,
                 };
-                h.set_my_lba(1);
-                h.set_alternate_lba(backup_lba);
-                h.set_entries_lba(entries_lba);
+                (1, entries_lba, backup_lba)
             }
             Which::Backup => {
                 let entries_lba = match &self.backup {
                     Ok(b) => b.header.entries_lba(),
-                    Err(_) => backup_lba - array_sectors,
+                    Err(_) => backup_lba.saturating_sub(self.array_sectors()),
                 };
-                h.set_my_lba(backup_lba);
-                h.set_alternate_lba(1);
-                h.set_entries_lba(entries_lba);
+                (backup_lba, entries_lba, 1)
             }
         }
+    }
+
+    /// The geometry the partitions are checked against by [`crate::layout::validate`]: the
+    /// in-use header's usable range, and the sectors of the protective MBR and of both copies
+    /// where the attribute writer would write them.
+    pub fn geometry(&self) -> crate::layout::Geometry {
+        use crate::layout::Reserved;
+        let header = &self.current().header;
+        let array_last = |first: u64| first.saturating_add(self.array_sectors().max(1) - 1);
+        let (p_header, p_entries, _) = self.copy_lbas(Which::Primary);
+        let (b_header, b_entries, _) = self.copy_lbas(Which::Backup);
+        let region = |what, first, last| Reserved { what, first, last };
+        crate::layout::Geometry {
+            disk_sectors: self.disk_sectors,
+            first_usable: header.first_usable_lba(),
+            last_usable: header.last_usable_lba(),
+            reserved: vec![
+                region("protective MBR", 0, 0),
+                region("primary GPT header", p_header, p_header),
+                region("primary GPT entry array", p_entries, array_last(p_entries)),
+                region("backup GPT entry array", b_entries, array_last(b_entries)),
+                region("backup GPT header", b_header, b_header),
+            ],
+        }
+    }
+
+    /// Builds the header for `which` copy describing `entries`, based on the in-use header.
+    fn header_for(&self, which: Which, entries: &[u8]) -> Header {
+        let (my_lba, entries_lba, alternate_lba) = self.copy_lbas(which);
+        let mut h = self.current().header.clone();
+        h.set_my_lba(my_lba);
+        h.set_alternate_lba(alternate_lba);
+        h.set_entries_lba(entries_lba);
         h.set_entries_crc(crc32fast::hash(entries));
         h.set_header_crc(0);
         let crc = h.compute_crc();

@@ -215,7 +215,7 @@ mod tests {
             spec.sector_size = ss;
             create_disk_image(&path, &spec).unwrap();
             let dev = FileDevice::open(&path, false, Some(ss)).unwrap();
-            let labels = vec!["ROOT-A".to_string(), "ROOT-B".to_string()];
+            let labels = crate::layout::SlotLabels::default();
             let disk = AbDisk::open(dev, "disk.img", &labels).unwrap();
             assert!(disk.gpt.is_consistent());
             let slots = disk.slots().unwrap();

@@ -5,6 +5,7 @@
 //! - [`select`]: the boot selection state machine, matching vboot's cgptlib (pure).
 //! - [`blockdev`]: the block device abstraction (files, block devices, in-memory, recording).
 //! - [`gpt`]: reading both GPT copies and the crash-safe in-place attribute writer.
+//! - [`layout`]: the one validated view of a disk's partition table and slot labels (pure).
 //! - [`slots`]: finding the A/B slots on a disk and reporting their state.
 //! - [`init`]: creating a fresh file-backed A/B disk.
 //! - [`footer`]: the per-slot record of what is installed (version, image hash).
@@ -35,6 +36,7 @@ pub mod gpt;
 pub mod http;
 pub mod init;
 pub mod install;
+pub mod layout;
 pub mod running;
 pub mod select;
 pub mod slotio;

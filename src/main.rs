@@ -19,6 +19,7 @@ use abupdate::exit::Exit;
 use abupdate::http::{EventSink, Expected, FetchEvent, FetchOptions, FetchSummary, Fetcher};
 use abupdate::init::{create_disk_image, InitSpec};
 use abupdate::install::{InstallOptions, InstallReport};
+use abupdate::layout::SlotLabels;
 use abupdate::slots::{AbDisk, DEFAULT_LABELS};
 use abupdate::{footer, running};
 
@@ -47,8 +48,9 @@ struct DiskFlags {
     /// Logical sector size of a disk image file (block devices report their own) [config: sector-size].
     #[arg(long)]
     sector_size: Option<u32>,
-    /// Slot partition labels, A first [default: ROOT-A,ROOT-B] [config: labels].
-    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    /// Slot partition labels, A first: two different labels, each on exactly one partition of
+    /// the same type [default: ROOT-A,ROOT-B] [config: labels].
+    #[arg(long, env = "ABUPDATE_LABELS", value_delimiter = ',', num_args = 1..)]
     labels: Option<Vec<String>>,
 }
 
@@ -57,7 +59,7 @@ struct DiskFlags {
 struct DiskArgs {
     disk: PathBuf,
     sector_size: Option<u32>,
-    labels: Vec<String>,
+    labels: SlotLabels,
 }
 
 /// Download behaviour; each flag falls back to the configuration file's `[fetch]` table.
@@ -153,6 +155,10 @@ enum Command {
         disk: DiskFlags,
         #[command(flatten)]
         slot: SlotArg,
+        /// Mark it good even if its content does not match its slot record (or it has none,
+        /// as after an interrupted install).
+        #[arg(long)]
+        force: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -199,6 +205,13 @@ enum Command {
         /// Reboot when a check failed (after marking the slot bad).
         #[arg(long)]
         reboot: bool,
+        /// Mark the slot good even if its content does not match its slot record.
+        #[arg(long)]
+        force: bool,
+        /// When a check fails on a committed (successful) slot, mark it bad anyway (by default
+        /// only a slot on trial is marked bad; a committed one is reported with exit 6).
+        #[arg(long)]
+        mark_bad_committed: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -310,6 +323,9 @@ enum Command {
         /// Successful flag 0 or 1.
         #[arg(long, value_parser = clap::value_parser!(u8).range(0..=1))]
         successful: Option<u8>,
+        /// Allow making a slot bootable whose content does not match its slot record.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -513,21 +529,30 @@ fn boot_hook(args: &DiskArgs, format: BootFormat) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn commit_cmd(
     args: &DiskArgs,
     slot: Option<&str>,
     checks: &[String],
     timeout: Duration,
+    policy: abupdate::commit::CommitPolicy,
     reboot: bool,
     json: bool,
 ) -> Result<()> {
     let mut disk = open_disk_locked(args)?;
     let index = target_slot(&disk, args, slot)?;
-    let result = abupdate::commit::commit(&mut disk, index, checks, timeout, |check, outcome| {
-        if !json {
-            eprintln!("check {check}: {outcome}");
-        }
-    });
+    let result = abupdate::commit::commit(
+        &mut disk,
+        index,
+        checks,
+        timeout,
+        policy,
+        |check, outcome| {
+            if !json {
+                eprintln!("check {check}: {outcome}");
+            }
+        },
+    );
     match result {
         Ok(report) => {
             if json {
@@ -536,6 +561,10 @@ fn commit_cmd(
                 print_change(&report.change, "mark-good", false)?;
             }
             Ok(())
+        }
+        // A committed slot was left as it was: rebooting would not change what boots.
+        Err(err @ abupdate::commit::CommitError::CheckFailedOnCommittedSlot { .. }) => {
+            Err(err.into())
         }
         Err(err) => {
             if reboot {
@@ -622,11 +651,11 @@ fn resolve_disk(flags: &DiskFlags, cfg: &Loaded) -> Result<DiskArgs> {
         .clone()
         .or_else(|| c.disk.clone())
         .ok_or_else(|| cfg.unset("disk", "--disk (or ABUPDATE_DISK)", "disk"))?;
-    let labels = flags
-        .labels
-        .clone()
-        .or_else(|| c.labels.clone())
-        .unwrap_or_else(|| DEFAULT_LABELS.map(String::from).to_vec());
+    // One check for every source of the setting (flag, ABUPDATE_LABELS, config file).
+    let labels = match flags.labels.clone().or_else(|| c.labels.clone()) {
+        Some(list) => SlotLabels::new(list)?,
+        None => SlotLabels::default(),
+    };
     Ok(DiskArgs {
         disk,
         sector_size: flags.sector_size.or(c.sector_size),
@@ -1407,11 +1436,15 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             keyring,
         }) => {
+            let labels = SlotLabels::new(labels)?;
+            let [a, b] = labels.as_slice() else {
+                unreachable!("SlotLabels holds two labels")
+            };
             let spec = InitSpec {
                 slot_size,
                 disk_size,
                 sector_size,
-                labels: [labels[0].clone(), labels[1].clone()],
+                labels: [a.clone(), b.clone()],
                 type_guid,
             };
             create_disk_image(&file, &spec)?;
@@ -1429,7 +1462,7 @@ fn run(cli: Cli) -> Result<()> {
                 let args = DiskArgs {
                     disk: file.clone(),
                     sector_size: Some(sector_size),
-                    labels: spec.labels.to_vec(),
+                    labels,
                 };
                 let seeded = (|| -> Result<()> {
                     let mut disk = open_disk_locked(&args)?;
@@ -1594,11 +1627,16 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::MarkGood { disk, slot, json } => {
+        Command::MarkGood {
+            disk,
+            slot,
+            force,
+            json,
+        } => {
             let disk = resolve_disk(&disk, cfg)?;
             let mut ab = open_disk_locked(&disk)?;
             let index = target_slot(&ab, &disk, slot.slot.as_deref())?;
-            let change = abupdate::commit::mark_good(&mut ab, index)?;
+            let change = abupdate::commit::mark_good(&mut ab, index, force)?;
             print_change(&change, "mark-good", json)
         }
         Command::MarkBad {
@@ -1627,6 +1665,8 @@ fn run(cli: Cli) -> Result<()> {
             checks_file,
             timeout,
             reboot,
+            force,
+            mark_bad_committed,
             json,
         } => {
             if let Some(file) = checks_file {
@@ -1650,6 +1690,10 @@ fn run(cli: Cli) -> Result<()> {
                 slot.slot.as_deref(),
                 &checks,
                 timeout,
+                abupdate::commit::CommitPolicy {
+                    force,
+                    mark_bad_committed,
+                },
                 reboot,
                 json,
             )
@@ -1660,13 +1704,13 @@ fn run(cli: Cli) -> Result<()> {
             priority,
             tries,
             successful,
+            force,
         } => {
             let disk = resolve_disk(&disk, cfg)?;
             let mut ab = open_disk_locked(&disk)?;
             let slots = ab.slots()?;
             let index = ab.slot_index(&slots, &slot)?;
-            let mut new: Vec<_> = slots.iter().map(|s| s.attrs).collect();
-            let mut a = new[index];
+            let mut a = slots[index].attrs;
             if let Some(p) = priority {
                 a = a.with_priority(p);
             }
@@ -1676,11 +1720,10 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(s) = successful {
                 a = a.with_successful(s == 1);
             }
-            new[index] = a;
-            let written = ab.write_slot_attributes(&slots, &new)?;
+            let change = abupdate::commit::set_attributes(&mut ab, index, a, force)?;
             println!(
                 "{}: {} -> {} ({} bytes written)",
-                slots[index].name, slots[index].attrs, a, written
+                change.slot, change.before, change.after, change.bytes_written
             );
             Ok(())
         }

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use crate::attrs::{SlotAttributes, SlotFields};
 use crate::blockdev::BlockDevice;
 use crate::gpt::{CopyHealth, Entry, Gpt, GptError};
+use crate::layout::{self, SlotEntries, SlotLabels};
 use crate::select;
 
 /// Default slot labels, in the order abupdate calls them A and B.
@@ -19,37 +20,13 @@ pub enum SlotError {
     /// The GPT layer failed.
     #[error(transparent)]
     Gpt(#[from] GptError),
-    /// No partition carries this label.
-    #[error("no partition labelled {label} on {disk}")]
-    Missing {
-        /// The label looked for.
-        label: String,
+    /// The partition table or the slot labels failed validation; nothing was written.
+    #[error("refusing {disk}: {source}")]
+    Layout {
         /// The disk.
         disk: String,
-    },
-    /// More than one partition carries this label.
-    #[error("label {label} is on more than one partition ({partitions}) of {disk}")]
-    Duplicate {
-        /// The label.
-        label: String,
-        /// The partition numbers, comma separated.
-        partitions: String,
-        /// The disk.
-        disk: String,
-    },
-    /// A slot partition lies outside the disk.
-    #[error("slot {label} (partition {partition}) spans LBA {first}..={last}, beyond the disk's last LBA {disk_last}")]
-    OutsideDisk {
-        /// The slot label.
-        label: String,
-        /// Its partition number.
-        partition: u32,
-        /// First LBA.
-        first: u64,
-        /// Last LBA.
-        last: u64,
-        /// The disk's last LBA.
-        disk_last: u64,
+        /// What is wrong.
+        source: crate::layout::LayoutError,
     },
     /// A slot name that is not one of the configured labels.
     #[error("unknown slot {name} (slots are {known})")]
@@ -102,7 +79,8 @@ pub struct AbDisk<D> {
     /// The GPT as last read or written.
     pub gpt: Gpt,
     name: String,
-    labels: Vec<String>,
+    labels: SlotLabels,
+    slots: SlotEntries,
 }
 
 /// The path of partition `number` of the disk at `disk` (`/dev/vda` → `/dev/vda2`,
@@ -117,18 +95,26 @@ pub fn partition_device_path(disk: &Path, number: u32) -> PathBuf {
 }
 
 impl<D: BlockDevice> AbDisk<D> {
-    /// Reads the GPT of `dev` and checks that each label names exactly one partition inside
-    /// the disk. `name` is used in messages.
-    pub fn open(mut dev: D, name: &str, labels: &[String]) -> Result<Self, SlotError> {
+    /// Reads the GPT of `dev` and validates it ([`crate::layout::validate`]): sound layout,
+    /// each label on exactly one partition, both slots of one type. This is the only way to
+    /// get an `AbDisk`, so every command that writes goes through the check. `name` is used
+    /// in messages.
+    pub fn open(mut dev: D, name: &str, labels: &SlotLabels) -> Result<Self, SlotError> {
         let gpt = Gpt::read(&mut dev)?;
-        let disk = Self {
+        let slots =
+            layout::validate(&gpt.entries(), &gpt.geometry(), labels).map_err(|source| {
+                SlotError::Layout {
+                    disk: name.to_string(),
+                    source,
+                }
+            })?;
+        Ok(Self {
             dev,
             gpt,
             name: name.to_string(),
-            labels: labels.to_vec(),
-        };
-        disk.slots()?;
-        Ok(disk)
+            labels: labels.clone(),
+            slots,
+        })
     }
 
     /// The disk name given at open.
@@ -138,55 +124,25 @@ impl<D: BlockDevice> AbDisk<D> {
 
     /// The configured slot labels.
     pub fn labels(&self) -> &[String] {
-        &self.labels
+        self.labels.as_slice()
     }
 
-    /// The slots, in partition-table order (the order cgptlib breaks ties in).
+    /// The slots, in partition-table order (the order cgptlib breaks ties in), with their
+    /// current attributes. Which entries they are was fixed by the validation at open; the
+    /// writers change attribute fields only.
     pub fn slots(&self) -> Result<Vec<Slot>, SlotError> {
         let entries = self.gpt.entries();
-        let disk_last = self.dev.len() / u64::from(self.dev.sector_size()) - 1;
-        let mut slots = Vec::new();
-        for label in &self.labels {
-            let matches: Vec<&Entry> = entries
-                .iter()
-                .filter(|e| e.is_used() && &e.name == label)
-                .collect();
-            match matches.as_slice() {
-                [] => {
-                    return Err(SlotError::Missing {
-                        label: label.clone(),
-                        disk: self.name.clone(),
-                    })
-                }
-                [entry] => {
-                    if entry.last_lba > disk_last || entry.first_lba > entry.last_lba {
-                        return Err(SlotError::OutsideDisk {
-                            label: label.clone(),
-                            partition: entry.number(),
-                            first: entry.first_lba,
-                            last: entry.last_lba,
-                            disk_last,
-                        });
-                    }
-                    slots.push(Slot {
-                        name: label.clone(),
-                        entry: (*entry).clone(),
-                        attrs: SlotAttributes::from_raw(entry.attributes),
-                    });
-                }
-                many => {
-                    return Err(SlotError::Duplicate {
-                        label: label.clone(),
-                        partitions: many
-                            .iter()
-                            .map(|e| e.number().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        disk: self.name.clone(),
-                    })
-                }
-            }
-        }
+        let mut slots: Vec<Slot> = self
+            .slots
+            .index
+            .iter()
+            .zip(self.labels.as_slice())
+            .map(|(&i, label)| Slot {
+                name: label.clone(),
+                entry: entries[i].clone(),
+                attrs: SlotAttributes::from_raw(entries[i].attributes),
+            })
+            .collect();
         slots.sort_by_key(|s| s.entry.index);
         Ok(slots)
     }
@@ -195,6 +151,7 @@ impl<D: BlockDevice> AbDisk<D> {
     pub fn slot_index(&self, slots: &[Slot], name: &str) -> Result<usize, SlotError> {
         let wanted = self
             .labels
+            .as_slice()
             .iter()
             .enumerate()
             .find(|(i, l)| l.as_str() == name || slot_letter(*i).eq_ignore_ascii_case(name))
@@ -203,7 +160,7 @@ impl<D: BlockDevice> AbDisk<D> {
             .and_then(|label| slots.iter().position(|s| s.name == label))
             .ok_or_else(|| SlotError::Unknown {
                 name: name.to_string(),
-                known: self.labels.join(", "),
+                known: self.labels.as_slice().join(", "),
             })
     }
 

@@ -35,8 +35,8 @@ use sha2::{Digest, Sha256};
 
 const SECTOR: usize = 512;
 
-fn labels() -> Vec<String> {
-    vec!["ROOT-A".into(), "ROOT-B".into()]
+fn labels() -> abupdate::layout::SlotLabels {
+    abupdate::layout::SlotLabels::default()
 }
 
 /// A fresh disk in memory with recognisable bytes in ROOT-A.

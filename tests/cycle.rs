@@ -180,6 +180,8 @@ fn rollback_to_a_good_slot_and_timeouts() {
         "sleep 30",
         "--timeout",
         "1",
+        // A is committed: only asked explicitly does a failed check mark it bad.
+        "--mark-bad-committed",
     ]);
     assert_eq!(out.status.code(), Some(6));
     assert!(start.elapsed().as_secs() < 10);

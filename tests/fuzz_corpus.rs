@@ -28,7 +28,7 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn gpt_read_corpus() {
-    let labels = vec!["ROOT-A".to_string(), "ROOT-B".to_string()];
+    let labels = abupdate::layout::SlotLabels::default();
     let mut accepted = 0;
     for (path, data) in corpus("gpt_read") {
         let mut bytes = data.clone();

@@ -117,6 +117,7 @@ fn cgpt_reads_every_value_abupdate_writes() {
                     &t.to_string(),
                     "--successful",
                     &s.to_string(),
+                    "--force", // raw attribute encoding on slots with no record
                 ]);
                 assert_eq!(cgpt_fields(&disk, 2), (p, t, s == 1), "P{p} T{t} S{s}");
             }
@@ -207,6 +208,7 @@ fn loop_device_round_trip_both_sector_sizes() {
             "3",
             "--successful",
             "0",
+            "--force", // raw attribute encoding on slots with no record
         ]);
         assert_eq!(cgpt_fields(dev, 2), (5, 3, false));
         tool_ok(
@@ -264,6 +266,7 @@ fn torn_primary_is_reported_used_from_backup_and_repaired() {
             "1",
             "--tries",
             &tries,
+            "--force", // raw attribute encoding on slots with no record
         ]);
         let status = status_json(&disk, &[]);
         assert!(status["gpt"]
@@ -289,6 +292,7 @@ fn torn_primary_is_reported_used_from_backup_and_repaired() {
         "B",
         "--tries",
         "4",
+        "--force", // raw attribute encoding on slots with no record
     ]);
     assert_sgdisk_clean(&disk);
     let status = status_json(&disk, &[]);

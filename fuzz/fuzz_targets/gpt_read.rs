@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let Ok(gpt) = Gpt::read(&mut dev) else { return };
     let _ = gpt.health();
-    let labels = vec!["ROOT-A".to_string(), "ROOT-B".to_string()];
+    let labels = abupdate::layout::SlotLabels::default();
     let Ok(mut disk) = AbDisk::open(dev, "fuzz", &labels) else {
         return;
     };
