@@ -37,8 +37,9 @@ pub enum CommitError {
         /// The slot marked bad.
         slot: String,
     },
-    /// Marking the slot bad would leave the device with no bootable slot.
-    #[error("refusing to mark {slot} bad: no other slot is bootable ({state}); use --force to do it anyway")]
+    /// The change (marking the slot bad, or setting its attributes) would leave the device
+    /// with no bootable slot.
+    #[error("refusing to change {slot}: no slot would be bootable ({state}); use --force to do it anyway")]
     LastBootableSlot {
         /// The slot.
         slot: String,
@@ -76,8 +77,8 @@ pub enum CommitError {
         before: String,
         /// The attributes asked for.
         after: String,
-        /// Why its content is not trusted.
-        why: crate::footer::Unverified,
+        /// Why its content is not trusted (boxed: it carries two hashes).
+        why: Box<crate::footer::Unverified>,
     },
     /// There are not exactly two slots, so "the other slot" is ambiguous.
     #[error("rollback needs exactly two slots, found {0}")]
@@ -195,6 +196,18 @@ fn apply<D: BlockDevice>(
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
     let new = op(&attrs)?;
     if !force {
+        // Whatever the operation, it may not take away the last way to boot.
+        if select::next_slot(&attrs).is_some() && select::next_slot(&new).is_none() {
+            return Err(CommitError::LastBootableSlot {
+                slot: slots[index].name.clone(),
+                state: slots
+                    .iter()
+                    .zip(&new)
+                    .map(|(s, a)| format!("{} {a}", s.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         let sector_size = disk.dev.sector_size();
         for (i, slot) in slots.iter().enumerate() {
             if gains_trust(attrs[i], new[i]) {
@@ -203,7 +216,7 @@ fn apply<D: BlockDevice>(
                         slot: slot.name.clone(),
                         before: attrs[i].to_string(),
                         after: new[i].to_string(),
-                        why,
+                        why: Box::new(why),
                     }
                 })?;
             }

@@ -211,6 +211,8 @@ pub struct SlotEntries {
 
 /// Validates the whole table and finds the two slots. `entries` are all entries of the
 /// in-use copy (unused ones are ignored).
+// Called once per disk open, and the error names both partitions in full: size is no concern.
+#[allow(clippy::result_large_err)]
 pub fn validate(
     entries: &[Entry],
     geometry: &Geometry,
@@ -443,7 +445,7 @@ mod tests {
                 let mut claims = vec![0u8; map_len];
                 for (s, c) in claims.iter_mut().enumerate() {
                     let s = s as u64;
-                    if s < 34 || s > 9966 {
+                    if !(34..=9966).contains(&s) {
                         *c = 1; // the GPT's own sectors, or past the disk
                     }
                 }

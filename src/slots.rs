@@ -25,8 +25,8 @@ pub enum SlotError {
     Layout {
         /// The disk.
         disk: String,
-        /// What is wrong.
-        source: crate::layout::LayoutError,
+        /// What is wrong (boxed: it names two partitions, and errors travel by value).
+        source: Box<crate::layout::LayoutError>,
     },
     /// A slot name that is not one of the configured labels.
     #[error("unknown slot {name} (slots are {known})")]
@@ -105,7 +105,7 @@ impl<D: BlockDevice> AbDisk<D> {
             layout::validate(&gpt.entries(), &gpt.geometry(), labels).map_err(|source| {
                 SlotError::Layout {
                     disk: name.to_string(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
         Ok(Self {

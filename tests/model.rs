@@ -10,7 +10,7 @@
 //! - a slot that is bootable has a valid record matching its content, unless `--force` made it so;
 //! - at least one such verified slot stays bootable, unless `--force` was used.
 //!
-//! `ABUPDATE_MODEL_SECONDS` bounds the run (default 120), `ABUPDATE_MODEL_SEQUENCES` caps the
+//! `ABUPDATE_MODEL_SECONDS` bounds the run (default 240 s; about 9 sequences a second on the 2-core development machine), `ABUPDATE_MODEL_SEQUENCES` caps the
 //! count (default 3000); `ABUPDATE_MODEL_SEED=N` replays sequence N alone. A failure prints
 //! the seed and every step. The kill instant of a killed install depends on timing, so a replay
 //! repeats the sequence, not necessarily the exact byte the kill landed on.
@@ -98,9 +98,8 @@ fn read_gpt(disk: &[u8]) -> Option<Vec<Part>> {
         }
         return Some(
             arr.chunks_exact(es)
-                .enumerate()
-                .filter(|(_, e)| e[..16].iter().any(|&b| b != 0))
-                .map(|(i, e)| Part {
+                .filter(|e| e[..16].iter().any(|&b| b != 0))
+                .map(|e| Part {
                     name: gpt_edit::name(e),
                     first: u64_at(e, 32),
                     last: u64_at(e, 40),
@@ -344,7 +343,7 @@ fn sequence(fx: &Fixture, seed: u64, work: &Path) -> Result<usize, String> {
                 );
             }
         }
-        if force && matches!(op, 5 | 6 | 8) || force && op == 3 {
+        if force && matches!(op, 3 | 5 | 6 | 8) {
             args.push("--force".into());
         }
         args.extend(["--disk".to_string(), disk.clone()]);
@@ -359,7 +358,8 @@ fn sequence(fx: &Fixture, seed: u64, work: &Path) -> Result<usize, String> {
         ));
         let now = std::fs::read(&path).unwrap();
         if broken.is_some() || bad_labels {
-            if code != Some(2) && code != Some(4) {
+            // (None: our SIGKILL landed before the refusal; the disk check below still holds.)
+            if code.is_some() && code != Some(2) && code != Some(4) {
                 return fail(
                     &log,
                     format!("a refused table or labels gave exit {code:?}"),
@@ -481,7 +481,7 @@ fn random_operation_sequences_never_break_the_promises() {
         }
         return;
     }
-    let deadline = Instant::now() + Duration::from_secs(env_u64("ABUPDATE_MODEL_SECONDS", 120));
+    let deadline = Instant::now() + Duration::from_secs(env_u64("ABUPDATE_MODEL_SECONDS", 240));
     let max = env_u64("ABUPDATE_MODEL_SEQUENCES", 3000);
     let base = env_u64("ABUPDATE_MODEL_BASE", 0);
     let next = std::sync::atomic::AtomicU64::new(0);
@@ -515,5 +515,5 @@ fn random_operation_sequences_never_break_the_promises() {
         "model: {done} sequences, {} steps, all promises held",
         steps.into_inner()
     );
-    assert!(done >= 200, "only {done} sequences ran in the time bound");
+    assert!(done >= 300, "only {done} sequences ran in the time bound");
 }

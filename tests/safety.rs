@@ -429,7 +429,7 @@ fn a_slot_whose_install_was_cut_short_cannot_be_made_bootable_without_force() {
     }
     // The operator can still insist.
     abupdate_ok(&["mark-good", "--disk", &d.disk, "--slot", "B", "--force"]);
-    assert_eq!(cgpt_fields(&d.disk, 2).2, true);
+    assert!(cgpt_fields(&d.disk, 2).2);
 }
 
 #[test]
@@ -456,7 +456,7 @@ fn a_slot_whose_content_no_longer_matches_its_record_cannot_be_marked_good() {
     // An intact slot is verified and accepted: ROOT-A, marked bad with --force, then good.
     abupdate_ok(&["mark-bad", "--disk", &d.disk, "--slot", "A", "--force"]);
     abupdate_ok(&["mark-good", "--disk", &d.disk, "--slot", "A"]);
-    assert_eq!(cgpt_fields(&d.disk, 1).2, true);
+    assert!(cgpt_fields(&d.disk, 1).2);
 }
 
 #[test]
