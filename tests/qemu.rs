@@ -4,14 +4,16 @@
 //! an initramfs whose `/init` runs `abupdate boot` (the try-spending slot choice) and
 //! switch_roots into the chosen slot, and small ext4 root filesystems whose `/sbin/init`
 //! runs `abupdate commit` (health check), optionally `abupdate install` of a bundle attached
-//! as a second disk, and powers off. The guest prints `HOOK`, `BOOTED`, `INSTALLED`
-//! lines on the serial console; the host checks them and the slot attributes with `cgpt`.
+//! as a second disk, and powers off. The initramfs runs the real boot hook,
+//! dist/initramfs/abupdate-boot-hook. The guest prints the hook's `abupdate: booting ...`
+//! and `BOOTED`, `INSTALLED` lines on the serial console; the host checks them and the slot
+//! attributes with `cgpt`. Scenarios 6-8 (the hook's failure paths) are in qemu_hook/.
 //!
 //! Assets (kernel, initramfs, static guest binary) are built once per run by
 //! scripts/qemu/build-assets into `$ABUPDATE_QEMU_DIR` (default target/qemu) and reused by
 //! every test; root filesystems, bundles and disks live in `target/qemu/work/<pid>/`. The
 //! factory disk is `abupdate disk init --seed v1.abup --keyring release.pub`: v1 and its slot
-//! record in ROOT-A, so the hook prints `HOOK ROOT-A 1` and the in-guest install takes the
+//! record in ROOT-A, so the hook prints `booting ROOT-A version 1` and the in-guest install takes the
 //! device's compatible string from the running slot's record (no `--compatible`).
 //!
 //! Needs qemu-system-x86_64, busybox-static, cpio, e2fsprogs, cgpt and gdisk (sgdisk), and
@@ -74,6 +76,9 @@ macro_rules! require_qemu {
         }
     };
 }
+
+// After the macro: scenarios 6-8 use require_qemu!.
+mod qemu_hook;
 
 /// Writes straight to stderr, bypassing the test harness's capture, so that the boot
 /// sequences show in CI logs of passing tests too.
@@ -445,13 +450,36 @@ impl Boot {
             .find_map(|l| l.strip_prefix(tag).filter(|r| r.starts_with(' ')))
             .map(|r| r.split_whitespace().map(String::from).collect())
     }
-    /// `HOOK <slot> <version>`: the slot the boot hook chose.
-    fn hook_slot(&self) -> Option<String> {
-        self.field_line("HOOK").map(|w| w[0].clone())
+    /// Each slot the boot hook (dist/initramfs/abupdate-boot-hook) chose, in order, with the
+    /// version it read from the slot record: its lines
+    /// `abupdate: booting <slot> version <version> (...)`.
+    fn hook_choices(&self) -> Vec<(String, String)> {
+        const TAG: &str = "abupdate: booting ";
+        self.lines()
+            .filter_map(|l| l.find(TAG).map(|i| &l[i + TAG.len()..]))
+            .filter_map(|r| match r.split_whitespace().collect::<Vec<_>>()[..] {
+                [slot, "version", version, ..] => Some((slot.to_string(), version.to_string())),
+                _ => None,
+            })
+            .collect()
     }
-    /// The version the boot hook read from the chosen slot's record (`unknown` without one).
+    /// The slot the boot hook chose last (the one it mounted, if any).
+    fn hook_slot(&self) -> Option<String> {
+        self.hook_choices().pop().map(|c| c.0)
+    }
+    /// The version the boot hook read from that slot's record (`?` without one).
     fn hook_version(&self) -> Option<String> {
-        self.field_line("HOOK").and_then(|w| w.get(1).cloned())
+        self.hook_choices().pop().map(|c| c.1)
+    }
+    /// The hook's line giving up (`abupdate: <cause> (... exit N); starting /init rescue`),
+    /// when /init's rescue (INITRAMFS-RESCUE, poweroff) ran.
+    fn rescue(&self) -> Option<String> {
+        self.lines().any(|l| l == "INITRAMFS-RESCUE").then(|| {
+            self.lines()
+                .find(|l| l.contains("; starting /init rescue"))
+                .unwrap_or("(no hook line)")
+                .to_string()
+        })
     }
     /// `BOOTED <slot> <version> <good|bad|error>`.
     fn booted(&self) -> Option<(String, String, String)> {
@@ -465,7 +493,8 @@ impl Boot {
         self.log.contains("Kernel panic")
     }
     fn noboot(&self) -> bool {
-        self.lines().any(|l| l == "NOBOOT")
+        self.lines()
+            .any(|l| l.contains("abupdate: no bootable slot on"))
     }
     /// One word for the boot sequence printout: `ROOT-A v1 good`, `ROOT-B panic`, ...
     fn summary(&self) -> String {
@@ -481,6 +510,8 @@ impl Boot {
             s
         } else if self.noboot() {
             "NOBOOT".into()
+        } else if self.rescue().is_some() {
+            "RESCUE".into()
         } else if let Some(slot) = self.hook_slot() {
             let v = self.hook_version().unwrap_or_default();
             if self.panicked() {
@@ -505,6 +536,8 @@ impl Boot {
 struct RunOpts<'a> {
     bundle: Option<&'a Path>,
     append: Option<&'a str>,
+    /// run-vm's --timeout (default 180 s).
+    timeout_s: Option<u64>,
 }
 
 /// Boots `disk` once and waits for the VM to end (poweroff, panic or timeout).
@@ -535,7 +568,8 @@ fn vm_command(disk: &Path, log: &Path, opts: &RunOpts) -> Command {
         .args(opts.bundle)
         .arg("--log")
         .arg(log)
-        .args(["--timeout", "180"])
+        .arg("--timeout")
+        .arg(opts.timeout_s.unwrap_or(180).to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -739,6 +773,7 @@ fn qemu_3_failing_check_rolls_back() {
     let b = s.boot(&RunOpts {
         bundle: Some(&a.bundle_v3_failing),
         append: Some("abupdate.adaptive=1"),
+        ..Default::default()
     });
     assert_booted(&b, "ROOT-B", "2", "good");
     assert_eq!(b.installed(), Some(0), "install v3 failed; {}", b.explain());
