@@ -37,6 +37,8 @@ pub struct FileDevice {
     sector_size: u32,
     len: u64,
     is_block_device: bool,
+    /// The other files naming this storage, kept open while their locks are held.
+    lock_guards: std::sync::OnceLock<Vec<(PathBuf, File)>>,
 }
 
 /// Errors opening a disk.
@@ -134,23 +136,50 @@ impl FileDevice {
             sector_size: size,
             len,
             is_block_device,
+            lock_guards: Default::default(),
         })
     }
 
-    /// Takes the exclusive abupdate lock on this disk (`flock` on the disk node or image file),
-    /// so two abupdate processes never interleave writes. Held until the device is dropped.
+    /// Takes the exclusive abupdate lock on this disk, so two abupdate processes never
+    /// interleave writes: a `flock` on the disk node or image file and on every other file
+    /// naming the same storage ([`crate::disklock`]: a loop device and its backing file, a
+    /// partition's disk). Held until the device is dropped; on error, drop the device.
     pub fn lock(&self) -> Result<(), OpenError> {
-        match sys::try_lock_exclusive(&self.file) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(OpenError::Locked {
-                path: self.path.clone(),
-                holder: lock_holder(&self.file),
-            }),
-            Err(source) => Err(OpenError::Io {
-                path: self.path.clone(),
-                source,
-            }),
+        if self.lock_guards.get().is_some() {
+            return Ok(());
         }
+        let aliases = crate::disklock::aliases(&self.file);
+        let mut set: Vec<(&Path, &File)> = std::iter::once((self.path.as_path(), &self.file))
+            .chain(aliases.iter().map(|(p, f)| (p.as_path(), f)))
+            .collect();
+        // One order in every process (by inode), so of two processes racing for overlapping
+        // sets one wins the first common file instead of each taking a part and both failing;
+        // an inode reached twice is locked once (a second flock would conflict with our own).
+        set.sort_by_key(|(_, f)| inode_key(f));
+        set.dedup_by_key(|(_, f)| inode_key(f));
+        for (path, file) in set {
+            match sys::try_lock_exclusive(file) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let mut holder = lock_holder(file);
+                    if path != self.path {
+                        holder.push_str(&format!(", through {}", path.display()));
+                    }
+                    return Err(OpenError::Locked {
+                        path: self.path.clone(),
+                        holder,
+                    });
+                }
+                Err(source) => {
+                    return Err(OpenError::Io {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+        let _ = self.lock_guards.set(aliases);
+        Ok(())
     }
 
     /// The path the device was opened from.
@@ -204,6 +233,12 @@ impl MemDevice {
             sector_size,
         }
     }
+}
+
+/// Identity of a file for lock ordering: (device, inode); (0, 0) if fstat fails.
+fn inode_key(file: &File) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().map_or((0, 0), |m| (m.dev(), m.ino()))
 }
 
 /// Names the process holding a flock on `file`, from /proc/locks (best effort).

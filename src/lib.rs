@@ -4,6 +4,7 @@
 //! - [`attrs`]: the ChromeOS/cgpt slot attribute bits (pure).
 //! - [`select`]: the boot selection state machine, matching vboot's cgptlib (pure).
 //! - [`blockdev`]: the block device abstraction (files, block devices, in-memory, recording).
+//! - [`disklock`]: every file naming a disk's storage, for the disk lock.
 //! - [`gpt`]: reading both GPT copies and the crash-safe in-place attribute writer.
 //! - [`layout`]: the one validated view of a disk's partition table and slot labels (pure).
 //! - [`slots`]: finding the A/B slots on a disk and reporting their state.
@@ -30,6 +31,7 @@ pub mod bundle;
 pub mod channel;
 pub mod commit;
 pub mod config;
+pub mod disklock;
 pub mod exit;
 pub mod footer;
 pub mod gpt;
