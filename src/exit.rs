@@ -99,7 +99,9 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             }
             InstallError::ReadbackMismatch { .. } | InstallError::ReadRunning { .. } => Exit::Disk,
             InstallError::Bundle(_) | InstallError::TooLarge { .. } => Exit::BadBundle,
-            InstallError::Interrupted { .. } => Exit::Interrupted,
+            InstallError::Interrupted { .. } | InstallError::InterruptedBeforeWrite => {
+                Exit::Interrupted
+            }
             InstallError::Sentinel { .. } => Exit::Failure,
             InstallError::Downgrade { .. }
             | InstallError::Incompatible { .. }

@@ -470,8 +470,8 @@ impl Fetcher {
         let connect = Some(options.connect_timeout);
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .max_redirects(options.max_redirects)
-            .max_redirects_will_error(true)
+            // Redirects are followed by `Fetcher::get`, which checks where they lead.
+            .max_redirects(0)
             .user_agent(concat!("abupdate/", env!("CARGO_PKG_VERSION")))
             // Byte offsets must be offsets into the bundle file itself.
             .accept_encoding("")
@@ -597,16 +597,56 @@ impl Fetcher {
         }
     }
 
-    fn get_bytes_once(&self, url: &str, limit: u64) -> Result<Fetched, HttpError> {
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = self
-            .agent
-            .get(url)
-            .call()
-            .map_err(|source| HttpError::Request {
+    /// GETs `url` with `headers` (sent on every hop), following at most
+    /// [`FetchOptions::max_redirects`] redirects. Followed here, not by the client, because the
+    /// client takes a `Location` with another scheme (`file:///etc/passwd`) for a relative
+    /// path and follows it until "too many redirects".
+    fn get(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<ureq::http::Response<ureq::Body>, HttpError> {
+        let mut current = url.to_string();
+        for hop in 0.. {
+            let mut req = self.agent.get(&current);
+            for (name, value) in headers {
+                req = req.header(*name, *value);
+            }
+            let resp = req.call().map_err(|source| HttpError::Request {
                 url: url.to_string(),
                 source,
             })?;
+            let location = match resp.status().as_u16() {
+                301 | 302 | 303 | 307 | 308 => resp.headers().get("location"),
+                _ => None,
+            };
+            let Some(location) = location.map(|l| String::from_utf8_lossy(l.as_bytes())) else {
+                return Ok(resp);
+            };
+            if hop >= self.options.max_redirects {
+                return Err(HttpError::Request {
+                    url: url.to_string(),
+                    source: ureq::Error::TooManyRedirects,
+                });
+            }
+            current = match url_scheme(&location) {
+                Some(_) if !is_url(&location) => {
+                    return Err(HttpError::BadUrl {
+                        url: location.into_owned(),
+                        reason: format!(
+                            "{current} redirects to an unsupported scheme (only http:// and https:// are followed)"
+                        ),
+                    })
+                }
+                _ => resolve_url(&current, &location)?,
+            };
+        }
+        unreachable!("the hop counter is unbounded")
+    }
+
+    fn get_bytes_once(&self, url: &str, limit: u64) -> Result<Fetched, HttpError> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = self.get(url, &[])?;
         let status = resp.status().as_u16();
         if status != 200 {
             return Err(HttpError::Status {
@@ -808,22 +848,19 @@ impl HttpSource {
             return Err(HttpError::Cancelled);
         }
         let url = self.url.clone();
-        let mut req = self.fetcher.agent.get(&url);
+        let range = match self.window_end {
+            Some(w) => format!("bytes={}-{}", self.position, w - 1),
+            None => format!("bytes={}-", self.position),
+        };
+        let mut headers = Vec::new();
         if self.position > 0 {
-            let range = match self.window_end {
-                Some(w) => format!("bytes={}-{}", self.position, w - 1),
-                None => format!("bytes={}-", self.position),
-            };
-            req = req.header("Range", range);
+            headers.push(("Range", range.as_str()));
             if let Some(v) = &self.validator {
-                req = req.header("If-Range", v.as_str());
+                headers.push(("If-Range", v.as_str()));
             }
         }
         self.fetcher.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = req.call().map_err(|source| HttpError::Request {
-            url: url.clone(),
-            source,
-        })?;
+        let resp = self.fetcher.get(&url, &headers)?;
         let status = resp.status().as_u16();
         let header = |name: &str| {
             resp.headers()
@@ -1263,19 +1300,12 @@ pub fn resolve_url(base: &str, reference: &str) -> Result<String, HttpError> {
     if reference.is_empty() {
         return Err(bad("empty URL"));
     }
-    if let Some((scheme, _)) = reference.split_once(':') {
-        if !scheme.is_empty()
-            && scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        {
-            return if is_url(reference) {
-                Ok(reference.to_string())
-            } else {
-                Err(bad("only http:// and https:// URLs are supported"))
-            };
-        }
+    if url_scheme(reference).is_some() {
+        return if is_url(reference) {
+            Ok(reference.to_string())
+        } else {
+            Err(bad("only http:// and https:// URLs are supported"))
+        };
     }
     check_url(base)?;
     let (scheme, rest) = base.split_once("://").expect("checked http(s) URL");
@@ -1304,6 +1334,17 @@ pub fn resolve_url(base: &str, reference: &str) -> Result<String, HttpError> {
         "{scheme}://{authority}{}{ref_tail}",
         remove_dot_segments(&merged)
     ))
+}
+
+/// The scheme of an absolute URL (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`,
+/// before the first `:`); `None` for a relative reference.
+fn url_scheme(reference: &str) -> Option<&str> {
+    let (scheme, _) = reference.split_once(':')?;
+    let valid = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    valid.then_some(scheme)
 }
 
 fn remove_dot_segments(path: &str) -> String {

@@ -141,6 +141,9 @@ pub enum InstallError {
         /// Target slot.
         slot: String,
     },
+    /// Interrupted by a signal before the target was changed.
+    #[error("interrupted before anything was written; the disk is unchanged")]
+    InterruptedBeforeWrite,
     /// Writing the sentinel failed (the install itself succeeded).
     #[error("install succeeded but writing the reboot sentinel {path} failed: {source}")]
     Sentinel {
@@ -382,7 +385,14 @@ pub fn install<D: SlotBacking, R: BundleSource>(
     let running_record = footer::read_record(&mut disk.dev, &slots[running], sector_size);
 
     // 2. Signature before anything else.
-    let mut reader = BundleReader::new(bundle, keyring)?;
+    // A source read that gave up on a signal fails the header: report the signal instead.
+    let mut reader = BundleReader::new(bundle, keyring).map_err(|e| {
+        if cancel.load(AtomicOrdering::Relaxed) {
+            InstallError::InterruptedBeforeWrite
+        } else {
+            e.into()
+        }
+    })?;
     let header = reader.header().clone();
     events(InstallEvent::Verified {
         version: header.image_version.clone(),
@@ -600,6 +610,9 @@ pub fn write_slot<D: SlotBacking, R: BundleSource>(
     let started = Instant::now();
     let header = reader.header().clone();
     let adaptive = prepare_target(disk, target, &header, reuse, events)?;
+    if cancel.load(AtomicOrdering::Relaxed) {
+        return Err(InstallError::InterruptedBeforeWrite);
+    }
     let sector_size = disk.gpt.sector_size();
     let slots = disk.slots()?;
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
@@ -674,6 +687,13 @@ pub fn write_slot<D: SlotBacking, R: BundleSource>(
         let readback = verifier.join();
         (result, readback, stream_end)
     });
+    // A signal stops the stream wherever it is (a blocked source read gives up with an
+    // error), so whatever the threads returned, the install was interrupted.
+    if cancel.load(AtomicOrdering::Relaxed) {
+        return Err(InstallError::Interrupted {
+            slot: slot.name.clone(),
+        });
+    }
     let write_seconds = (stream_end - started).as_secs_f64();
     let fallbacks = stream_result?;
     let actual = readback.map_err(|_| {

@@ -804,9 +804,11 @@ fn run_install(
     source: Box<dyn BundleSource>,
     keyring: &Keyring,
     options: &InstallOptions,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
     json: bool,
 ) -> Result<InstallReport, abupdate::install::InstallError> {
+    // A stalled pipe or server must not hold up a signal: reads wait on their own thread.
+    let source = abupdate::bundle::Interruptible::new(source, Arc::clone(cancel))?;
     let mut progress = Progress::new("writing", json);
     let result = abupdate::install::install(disk, source, keyring, options, cancel, &mut |e| {
         show_install_event(e, json, &mut progress)
@@ -883,8 +885,12 @@ fn open_url_source(
     fetcher: &Fetcher,
     url: &str,
     expected: Expected,
+    cancel: &AtomicBool,
 ) -> Result<Box<dyn BundleSource>> {
-    let source = fetcher.open(url, 0, expected)?;
+    // The first request may wait up to the read timeout for a silent server.
+    let (fetcher, url) = (fetcher.clone(), url.to_string());
+    let source = abupdate::bundle::run_interruptible(cancel, move || fetcher.open(&url, 0, expected))
+        .map_err(|_| abupdate::http::HttpError::Cancelled)??;
     Ok(Box::new(std::io::BufReader::with_capacity(
         abupdate::http::STREAM_BUFFER,
         source,
@@ -913,7 +919,7 @@ fn install_cmd(
                 .with_events(fetch_sink(json))
                 .with_cancel(Arc::clone(&cancel));
             (
-                open_url_source(&fetcher, url, Expected::default())?,
+                open_url_source(&fetcher, url, Expected::default(), &cancel)?,
                 Some(fetcher),
             )
         }
@@ -1266,7 +1272,7 @@ fn update_cmd(
     } else {
         let mut result = None;
         for (i, url) in found.bundle_urls.iter().enumerate() {
-            let attempt = open_url_source(&fetcher, url, index.expected()).and_then(|source| {
+            let attempt = open_url_source(&fetcher, url, index.expected(), &cancel).and_then(|source| {
                 run_install(&mut disk, source, &keyring, &options, &cancel, json)
                     .map_err(anyhow::Error::from)
             });

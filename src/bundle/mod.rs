@@ -25,12 +25,14 @@
 pub mod cli_support;
 pub mod error;
 pub mod format;
+pub mod interruptible;
 pub mod keys;
 pub mod reader;
 pub mod source;
 pub mod writer;
 
 pub use error::{BundleError, KeyError, Section};
+pub use interruptible::{run_interruptible, Interrupted, Interruptible};
 pub use format::{
     read_unverified_header, read_verified_header, BundleHeader, ChunkEntry, Compression, Extension,
     VerifiedHeader, DEFAULT_CHUNK_SIZE, MAX_CHUNK_COUNT, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
