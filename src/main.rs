@@ -889,8 +889,9 @@ fn open_url_source(
 ) -> Result<Box<dyn BundleSource>> {
     // The first request may wait up to the read timeout for a silent server.
     let (fetcher, url) = (fetcher.clone(), url.to_string());
-    let source = abupdate::bundle::run_interruptible(cancel, move || fetcher.open(&url, 0, expected))
-        .map_err(|_| abupdate::http::HttpError::Cancelled)??;
+    let source =
+        abupdate::bundle::run_interruptible(cancel, move || fetcher.open(&url, 0, expected))
+            .map_err(|_| abupdate::http::HttpError::Cancelled)??;
     Ok(Box::new(std::io::BufReader::with_capacity(
         abupdate::http::STREAM_BUFFER,
         source,
@@ -1272,10 +1273,11 @@ fn update_cmd(
     } else {
         let mut result = None;
         for (i, url) in found.bundle_urls.iter().enumerate() {
-            let attempt = open_url_source(&fetcher, url, index.expected(), &cancel).and_then(|source| {
-                run_install(&mut disk, source, &keyring, &options, &cancel, json)
-                    .map_err(anyhow::Error::from)
-            });
+            let attempt =
+                open_url_source(&fetcher, url, index.expected(), &cancel).and_then(|source| {
+                    run_install(&mut disk, source, &keyring, &options, &cancel, json)
+                        .map_err(anyhow::Error::from)
+                });
             match attempt {
                 Ok(r) => {
                     result = Some(r);

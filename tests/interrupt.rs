@@ -211,11 +211,7 @@ impl Node {
             self.running_hash,
             "running slot changed"
         );
-        assert_eq!(
-            cgpt_fields(&self.disk, 1).2,
-            true,
-            "running slot still good"
-        );
+        assert!(cgpt_fields(&self.disk, 1).2, "running slot still good");
         assert_sgdisk_clean(&self.disk);
         let args = install_args(self.bundle_path.to_str().unwrap(), &self.disk);
         abupdate_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());

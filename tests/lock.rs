@@ -86,7 +86,11 @@ fn a_lock_held_through_a_loop_device_covers_its_backing_file() {
     install.wait_for_lock();
     let pid = install.child.id();
     // The backing file, a symlink to it, and a partition of the locked disk.
-    for other in [f.disk.as_str(), link.to_str().unwrap(), part2.to_str().unwrap()] {
+    for other in [
+        f.disk.as_str(),
+        link.to_str().unwrap(),
+        part2.to_str().unwrap(),
+    ] {
         assert_refused(other, pid, &f.disk);
     }
     finish_ok(install, &f.bundle, half, &f.disk);

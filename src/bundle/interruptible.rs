@@ -126,7 +126,9 @@ impl Read for Interruptible {
                 self.buf = Some(mine);
                 result
             }
-            Answer::Skip(_) => Err(io::Error::other("bundle source thread answered out of turn")),
+            Answer::Skip(_) => Err(io::Error::other(
+                "bundle source thread answered out of turn",
+            )),
         }
     }
 }
@@ -135,7 +137,9 @@ impl BundleSource for Interruptible {
     fn skip_ahead(&mut self, n: u64, next_read: Option<u64>) -> io::Result<()> {
         match self.call(Call::Skip(n, next_read))? {
             Answer::Skip(result) => result,
-            Answer::Read(..) => Err(io::Error::other("bundle source thread answered out of turn")),
+            Answer::Read(..) => Err(io::Error::other(
+                "bundle source thread answered out of turn",
+            )),
         }
     }
 
@@ -208,7 +212,10 @@ mod tests {
         });
         let started = Instant::now();
         let err = src.read(&mut [0u8; 16]).unwrap_err();
-        assert!(err.get_ref().is_some_and(|e| e.is::<Interrupted>()), "{err}");
+        assert!(
+            err.get_ref().is_some_and(|e| e.is::<Interrupted>()),
+            "{err}"
+        );
         assert!(started.elapsed() < Duration::from_secs(2));
         // The abandoned read may still answer: later calls refuse instead of desynchronising.
         assert!(src.skip_ahead(1, None).is_err());

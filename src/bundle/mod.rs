@@ -32,11 +32,11 @@ pub mod source;
 pub mod writer;
 
 pub use error::{BundleError, KeyError, Section};
-pub use interruptible::{run_interruptible, Interrupted, Interruptible};
 pub use format::{
     read_unverified_header, read_verified_header, BundleHeader, ChunkEntry, Compression, Extension,
     VerifiedHeader, DEFAULT_CHUNK_SIZE, MAX_CHUNK_COUNT, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
+pub use interruptible::{run_interruptible, Interrupted, Interruptible};
 pub use keys::{KeyId, Keyring};
 pub use reader::{BundleReader, ChunkDecoder, VerifiedChunk};
 pub use source::BundleSource;
