@@ -215,7 +215,9 @@ impl Node {
         assert_sgdisk_clean(&self.disk);
         let args = install_args(self.bundle_path.to_str().unwrap(), &self.disk);
         abupdate_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(cgpt_fields(&self.disk, 2), (3, 3, false));
+        let (p, t, s) = cgpt_fields(&self.disk, 2);
+        assert_eq!((t, s), (3, false), "ROOT-B on trial");
+        assert!(p > cgpt_fields(&self.disk, 1).0, "ROOT-B boots next (P{p})");
     }
 }
 
