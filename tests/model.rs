@@ -357,6 +357,20 @@ fn sequence(fx: &Fixture, seed: u64, work: &Path) -> Result<usize, String> {
             out.lines().last().unwrap_or("")
         ));
         let now = std::fs::read(&path).unwrap();
+        if broken == Some("b-type-of-state") && labels == Some("STATE,ROOT-B") {
+            // The damage gave ROOT-B the type of STATE, so these labels name a consistent pair
+            // (same type, one partition each): the tool may act on it as the operator asked.
+            // ROOT-A is outside that pair and must stay untouched; the model's two-slot view
+            // no longer applies, so the sequence ends here.
+            if code == Some(101) || out.contains("panicked") {
+                return fail(&log, "panic".into());
+            }
+            let (s, e) = read_gpt(&fx.template).unwrap()[0].range();
+            if now[s..e] != before[s..e] {
+                return fail(&log, "ROOT-A changed under labels STATE,ROOT-B".into());
+            }
+            break;
+        }
         if broken.is_some() || bad_labels {
             // (None: our SIGKILL landed before the refusal; the disk check below still holds.)
             if code.is_some() && code != Some(2) && code != Some(4) {
