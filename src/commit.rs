@@ -38,16 +38,19 @@ pub enum CommitError {
         slot: String,
     },
     /// The change (marking the slot bad, or setting its attributes) would leave the device
-    /// with no bootable slot.
-    #[error("refusing to change {slot}: no slot would be bootable ({state}); use --force to do it anyway")]
+    /// with no bootable slot, or with no committed slot to fall back to.
+    #[error("refusing to change {slot}: {lost} ({state}); use --force to do it anyway")]
     LastBootableSlot {
         /// The slot.
         slot: String,
+        /// What would be lost.
+        lost: select::BootPathLoss,
         /// All slots' states.
         state: String,
     },
-    /// A health check failed on the only bootable slot, which was therefore left as it was.
-    #[error("health check failed: {check}: {outcome}; {slot} NOT marked bad: it is the only bootable slot")]
+    /// A health check failed on the only bootable (or the only committed) slot, which was
+    /// therefore left as it was.
+    #[error("health check failed: {check}: {outcome}; {slot} NOT marked bad: {lost}")]
     CheckFailedOnLastSlot {
         /// The check command.
         check: String,
@@ -55,6 +58,8 @@ pub enum CommitError {
         outcome: CheckOutcome,
         /// The slot.
         slot: String,
+        /// Why it was left: what marking it bad would have lost.
+        lost: select::BootPathLoss,
     },
     /// A health check failed on a committed (successful) slot, which was left as it was.
     #[error("health check failed: {check}: {outcome}; {slot} NOT marked bad: it is committed ({state}), not on trial; pass --mark-bad-committed to fall back anyway")]
@@ -197,9 +202,10 @@ fn apply<D: BlockDevice>(
     let new = op(&attrs)?;
     if !force {
         // Whatever the operation, it may not take away the last way to boot.
-        if select::next_slot(&attrs).is_some() && select::next_slot(&new).is_none() {
+        if let Err(lost) = select::keeps_boot_path(&attrs, &new) {
             return Err(CommitError::LastBootableSlot {
                 slot: slots[index].name.clone(),
+                lost,
                 state: slots
                     .iter()
                     .zip(&new)
@@ -270,8 +276,9 @@ pub fn mark_bad<D: BlockDevice>(
             new[index] = select::mark_bad(a[index]);
             return Ok(new);
         }
-        select::mark_bad_guarded(a, index).map_err(|_| CommitError::LastBootableSlot {
+        select::mark_bad_guarded(a, index).map_err(|lost| CommitError::LastBootableSlot {
             slot: names[index].clone(),
+            lost,
             state: names
                 .iter()
                 .zip(a)
@@ -366,11 +373,12 @@ pub fn commit<D: BlockDevice>(
                 outcome,
                 slot: change.slot,
             }),
-            Err(CommitError::LastBootableSlot { slot, .. }) => {
+            Err(CommitError::LastBootableSlot { slot, lost, .. }) => {
                 Err(CommitError::CheckFailedOnLastSlot {
                     check: check.clone(),
                     outcome,
                     slot,
+                    lost,
                 })
             }
             Err(other) => Err(other),

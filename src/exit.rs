@@ -57,6 +57,15 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if err.is::<ConfigError>() || err.is::<crate::layout::LabelError>() {
         return Some(Exit::Usage);
     }
+    if let Some(e) = err.downcast_ref::<crate::init::InitError>() {
+        use crate::init::InitError;
+        return Some(match e {
+            InitError::Invalid(_) | InitError::TooSmall { .. } => Exit::Usage,
+            InitError::Exists { .. } | InitError::Io { .. } | InitError::Gpt { .. } => {
+                Exit::Failure
+            }
+        });
+    }
     if let Some(e) = err.downcast_ref::<ChannelError>() {
         return Some(match e {
             ChannelError::Fetch(h) => classify_http(h),

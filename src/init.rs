@@ -51,14 +51,18 @@ impl InitSpec {
         }
     }
 
-    /// The disk size that will be used.
-    pub fn effective_disk_size(&self) -> u64 {
-        self.disk_size.unwrap_or(
-            ALIGN_BYTES
-                + 2 * self.slot_size.next_multiple_of(ALIGN_BYTES)
-                + DEFAULT_SPARE_BYTES
-                + ALIGN_BYTES,
-        )
+    /// The disk size that will be used, rounded up to a whole sector; `None` when the sizes
+    /// do not fit in 64 bits (a typo such as `--disk-size 18446744073709551615`).
+    pub fn effective_disk_size(&self) -> Option<u64> {
+        let size = match self.disk_size {
+            Some(size) => size,
+            None => self
+                .slot_size
+                .checked_next_multiple_of(ALIGN_BYTES)?
+                .checked_mul(2)?
+                .checked_add(2 * ALIGN_BYTES + DEFAULT_SPARE_BYTES)?,
+        };
+        size.checked_next_multiple_of(u64::from(self.sector_size.max(1)))
     }
 }
 
@@ -125,11 +129,24 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
     let uuid = uuid::Uuid::from_str(&spec.type_guid)
         .map_err(|e| InitError::Invalid(format!("type GUID {}: {e}", spec.type_guid)))?;
     let ss = u64::from(spec.sector_size);
-    let disk_size = spec.effective_disk_size().next_multiple_of(ss);
+    let too_large = || {
+        let disk = spec
+            .disk_size
+            .map_or_else(|| "the default".into(), |d| format!("{d} bytes"));
+        InitError::Invalid(format!(
+            "sizes too large to lay out (slot {} bytes, disk {disk})",
+            spec.slot_size
+        ))
+    };
+    let disk_size = spec.effective_disk_size().ok_or_else(too_large)?;
     let slot_sectors = spec.slot_size.div_ceil(ss);
     let align = ALIGN_BYTES / ss;
     // Both slots aligned, plus the backup array (32 sectors at 512 B, 4 at 4 KiB) and header.
-    let needed = align + 2 * slot_sectors.next_multiple_of(align) + (16384 / ss) + 1;
+    let needed = slot_sectors
+        .checked_next_multiple_of(align)
+        .and_then(|s| s.checked_mul(2))
+        .and_then(|s| s.checked_add(align + 16384 / ss + 1))
+        .ok_or_else(too_large)?;
     if disk_size / ss < needed {
         return Err(InitError::TooSmall {
             disk_size,

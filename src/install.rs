@@ -993,15 +993,38 @@ fn verify_regions(
 
 /// Writes the reboot-required sentinel atomically (temp file + rename).
 pub fn write_sentinel(path: &Path, slot: &str, version: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let tmp = path.with_extension("abupdate-tmp");
-    std::fs::write(
-        &tmp,
-        format!("abupdate: {version} installed in {slot}; reboot to boot it\n"),
-    )?;
-    std::fs::rename(&tmp, path)
+    // The temporary name is fresh (pid and a random tag) and created with O_EXCL|O_NOFOLLOW, so
+    // a symlink or file planted at a predictable name is never followed or clobbered: the open
+    // fails instead. The rename then replaces only the sentinel path itself (a symlink there is
+    // replaced, not followed).
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(
+        ".abupdate-tmp.{}.{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let tmp = path.with_file_name(name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(&tmp)?;
+    let written = file
+        .write_all(
+            format!("abupdate: {version} installed in {slot}; reboot to boot it\n").as_bytes(),
+        )
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Opens a bundle source: `-` for stdin, an `http://` or `https://` URL (streamed with resume

@@ -1459,7 +1459,7 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "created {} ({} bytes): {} and {} of {} bytes each, {} boots next",
                 file.display(),
-                spec.effective_disk_size(),
+                spec.effective_disk_size().unwrap_or_default(),
                 spec.labels[0],
                 spec.labels[1],
                 slot_size,
@@ -1739,6 +1739,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    abupdate::sys::default_sigpipe();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

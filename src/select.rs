@@ -179,21 +179,61 @@ pub fn mark_bad(attrs: SlotAttributes) -> SlotAttributes {
     invalidate(attrs)
 }
 
-/// Marking slot `index` bad would leave no bootable slot at all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WouldLeaveNoBootableSlot;
+/// Whether some slot boots without spending tries: successful, with a priority. Such a slot
+/// is what the device falls back to when a trial runs out of tries.
+pub fn has_committed_slot(slots: &[SlotAttributes]) -> bool {
+    slots.iter().any(|a| a.successful() && a.priority() > 0)
+}
 
-/// [`mark_bad`] on slot `index`, refused when no other slot would stay bootable: a failing
-/// health check on the last good slot must not turn a running device into a brick.
+/// What a change of attributes would take away (see [`keeps_boot_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootPathLoss {
+    /// No slot at all would be bootable.
+    NoBootableSlot,
+    /// Only slots on trial would be bootable: once their tries are spent (or after a power
+    /// cut mid-trial), nothing boots.
+    NoCommittedSlot,
+}
+
+impl core::fmt::Display for BootPathLoss {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::NoBootableSlot => "no slot would be bootable",
+            Self::NoCommittedSlot => {
+                "no committed slot would be left to boot or fall back to, only slots on trial"
+            }
+        })
+    }
+}
+
+/// Checks that going from `before` to `after` keeps what the device had: a bootable slot, and
+/// a committed (successful) slot to fall back to. A trial whose tries run out with no committed
+/// slot behind it leaves nothing to boot, so demoting the last committed slot (to a trial, or
+/// to bad) is as dangerous as unmarking the last bootable one. Changes on a disk that had
+/// neither are not blocked by what it never had.
+pub fn keeps_boot_path(
+    before: &[SlotAttributes],
+    after: &[SlotAttributes],
+) -> Result<(), BootPathLoss> {
+    if next_slot(before).is_some() && next_slot(after).is_none() {
+        return Err(BootPathLoss::NoBootableSlot);
+    }
+    if has_committed_slot(before) && !has_committed_slot(after) {
+        return Err(BootPathLoss::NoCommittedSlot);
+    }
+    Ok(())
+}
+
+/// [`mark_bad`] on slot `index`, refused when it would take away the last bootable or the last
+/// committed slot ([`keeps_boot_path`]): a failing health check on the last good slot must not
+/// turn a running device into a brick.
 pub fn mark_bad_guarded(
     slots: &[SlotAttributes],
     index: usize,
-) -> Result<Vec<SlotAttributes>, WouldLeaveNoBootableSlot> {
+) -> Result<Vec<SlotAttributes>, BootPathLoss> {
     let mut out = slots.to_vec();
     out[index] = mark_bad(slots[index]);
-    if next_slot(&out).is_none() {
-        return Err(WouldLeaveNoBootableSlot);
-    }
+    keeps_boot_path(slots, &out)?;
     Ok(out)
 }
 
@@ -313,6 +353,56 @@ mod tests {
                 let out = activate_for_trial(&[a, b], 1, 3);
                 assert_eq!(next_slot(&out), Some(1));
                 assert_eq!(out[0].is_bootable(), a.is_bootable(), "{a} / {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn keeps_boot_path_over_all_pairs() {
+        // Every change of one slot of a pair, checked against the plain-words rule: after the
+        // change some slot still boots (when one did), and some successful slot with a priority
+        // still exists (when one did).
+        let states: Vec<SlotAttributes> = all_states().collect();
+        for &a in &states {
+            for &b in &states {
+                let before = [a, b];
+                let committed =
+                    |s: &[SlotAttributes]| s.iter().any(|x| x.successful() && x.priority() > 0);
+                for &new_b in &states {
+                    let after = [a, new_b];
+                    let lost_boot =
+                        reference_pick(&before).is_some() && reference_pick(&after).is_none();
+                    let lost_committed = committed(&before) && !committed(&after);
+                    let verdict = keeps_boot_path(&before, &after);
+                    assert_eq!(
+                        verdict.is_ok(),
+                        !lost_boot && !lost_committed,
+                        "{a} {b} -> {new_b}"
+                    );
+                    if lost_boot {
+                        assert_eq!(verdict, Err(BootPathLoss::NoBootableSlot));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_kept_boot_path_survives_any_number_of_boots() {
+        // The promise behind keeps_boot_path: from a disk with a committed slot, a checked
+        // change leaves a disk that still boots after its trials spend every try.
+        for a in all_states() {
+            for b in all_states() {
+                let mut slots = [a, b];
+                if !has_committed_slot(&slots) {
+                    continue;
+                }
+                for _ in 0..20 {
+                    let Some(choice) = boot_attempt(&slots) else {
+                        panic!("{a} / {b}: nothing boots");
+                    };
+                    slots[choice.index] = choice.updated;
+                }
             }
         }
     }

@@ -90,6 +90,15 @@ pub fn kill_process_group(pgid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Restores the default action of SIGPIPE, which the Rust runtime sets to "ignore": then
+/// `abupdate status | head -1` ends quietly when `head` closes the pipe, as `cat` or `ls` do,
+/// instead of panicking in `println!`. A command killed this way mid-install is no worse than a
+/// power cut, which every write path already survives.
+pub fn default_sigpipe() {
+    // SAFETY: signal only installs the default disposition; no handler code runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 /// Takes an exclusive advisory lock without waiting. `Ok(false)` when another holder has it.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     // SAFETY: flock only reads the descriptor number, which `file` keeps open.

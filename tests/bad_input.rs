@@ -246,11 +246,32 @@ fn wrong_sizes_and_sector_sizes_and_corrupt_tables() {
             "--disk-size",
             "4M",
         ],
-        1,
+        2,
         "cannot hold",
         None,
     );
     assert!(!small.exists());
+    // Sizes that do not fit in 64 bits are refused, not wrapped to a tiny disk.
+    for (disk_size, slot_size, says) in [
+        ("18446744073709551615", "4M", "too large"),
+        ("64M", "18446744073709551615", "cannot hold"),
+    ] {
+        expect_error(
+            &[
+                "disk",
+                "init",
+                small.to_str().unwrap(),
+                "--slot-size",
+                slot_size,
+                "--disk-size",
+                disk_size,
+            ],
+            2,
+            says,
+            None,
+        );
+        assert!(!small.exists());
+    }
     // An existing file is never overwritten.
     expect_error(
         &["disk", "init", &f.disk, "--slot-size", "4M"],

@@ -478,3 +478,99 @@ fn verification_reads_the_device_on_a_loop_device() {
     abupdate_ok(&["mark-good", "--disk", lo.as_str(), "--slot", "B"]);
     assert!(cgpt_fields(lo.as_str(), 2).2);
 }
+
+#[test]
+fn the_sentinel_never_follows_a_planted_symlink() {
+    let d = Disk::seeded();
+    let victim = d.dir.join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let sentinel = d.dir.join("run").join("reboot-required");
+    std::fs::create_dir_all(sentinel.parent().unwrap()).unwrap();
+    // Before the fix the temporary file had this fixed name and was opened following links.
+    for planted in ["reboot-required.abupdate-tmp", "reboot-required.tmp"] {
+        std::os::unix::fs::symlink(&victim, sentinel.with_file_name(planted)).unwrap();
+    }
+    let key = test_pubkey().display().to_string();
+    let bundle = d.bundle(2);
+    let out = d.run(&[
+        "install",
+        &bundle,
+        "--disk",
+        &d.disk,
+        "--keyring",
+        &key,
+        "--compatible",
+        "test-board",
+        "--sentinel",
+        sentinel.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    let text = std::fs::read_to_string(&sentinel).unwrap();
+    assert!(text.contains("2.0 installed in ROOT-B"), "{text}");
+    assert!(!std::fs::symlink_metadata(&sentinel).unwrap().is_symlink());
+    // Only the sentinel and the two planted links are there: no temporary file left behind.
+    let names = std::fs::read_dir(sentinel.parent().unwrap())
+        .unwrap()
+        .count();
+    assert_eq!(names, 3);
+}
+
+#[test]
+fn a_closed_output_pipe_ends_status_quietly() {
+    let d = Disk::seeded();
+    for args in [
+        &["status", "--disk", &d.disk][..],
+        &["status", "--json", "--disk", &d.disk],
+    ] {
+        // The reading end is closed before abupdate writes a byte.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.is_empty(), "{err}");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+    }
+}
+
+#[test]
+fn a_keyring_entry_that_cannot_be_read_is_an_error_not_skipped() {
+    let d = Disk::seeded();
+    let ring = d.dir.join("ring");
+    std::fs::create_dir(&ring).unwrap();
+    std::fs::copy(test_pubkey(), ring.join("good.pub")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/old.pub", ring.join("old.pub")).unwrap();
+    let bundle = d.bundle(2);
+    let before = std::fs::read(d.path()).unwrap();
+    let install = |ring: &Path| {
+        d.run(&[
+            "install",
+            &bundle,
+            "--disk",
+            &d.disk,
+            "--keyring",
+            ring.to_str().unwrap(),
+            "--compatible",
+            "test-board",
+            "--no-sentinel",
+        ])
+    };
+    let line = refused(&install(&ring), 3);
+    assert!(line.contains("old.pub"), "{line}");
+    std::fs::remove_file(ring.join("old.pub")).unwrap();
+    std::fs::create_dir(ring.join("dir.pub")).unwrap();
+    let line = refused(&install(&ring), 3);
+    assert!(line.contains("dir.pub"), "{line}");
+    assert_eq!(
+        std::fs::read(d.path()).unwrap(),
+        before,
+        "a refused keyring wrote the disk"
+    );
+}

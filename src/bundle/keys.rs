@@ -283,7 +283,9 @@ impl Keyring {
         for entry in fs::read_dir(path).map_err(io_err)? {
             let entry = entry.map_err(io_err)?;
             let p = entry.path();
-            if p.extension().is_some_and(|e| e == "pub") && p.is_file() {
+            // Every `*.pub` entry counts, whatever it is: a dangling symlink or a directory
+            // named `x.pub` then fails to read with its path, instead of vanishing.
+            if p.extension().is_some_and(|e| e == "pub") {
                 files.push(p);
             }
         }
@@ -397,6 +399,18 @@ mod tests {
         let a = generate_signing_key();
         let b = generate_signing_key();
         write_public_key(&dir.path().join("a.pub"), &a.verifying_key(), "a").unwrap();
+        {
+            // A dangling `*.pub` symlink or a directory named `*.pub` is an error naming it.
+            let odd = tempfile::tempdir().unwrap();
+            write_public_key(&odd.path().join("a.pub"), &a.verifying_key(), "a").unwrap();
+            std::os::unix::fs::symlink("/nonexistent/k.pub", odd.path().join("gone.pub")).unwrap();
+            let err = Keyring::load(odd.path()).unwrap_err().to_string();
+            assert!(err.contains("gone.pub"), "{err}");
+            std::fs::remove_file(odd.path().join("gone.pub")).unwrap();
+            std::fs::create_dir(odd.path().join("x.pub")).unwrap();
+            let err = Keyring::load(odd.path()).unwrap_err().to_string();
+            assert!(err.contains("x.pub"), "{err}");
+        }
         write_public_key(&dir.path().join("b.pub"), &b.verifying_key(), "b").unwrap();
         fs::write(dir.path().join("README"), "not a key").unwrap();
         let ring = Keyring::load(dir.path()).unwrap();
