@@ -15,6 +15,7 @@
 //! - [`commit`]: the post-boot health commit and manual slot operations.
 //! - [`exit`]: the CLI's documented exit codes.
 //! - [`install`]: the verified streaming install pipeline.
+//! - [`pipeline`]: the one parallel chunk pipeline (ordered, bounded) under the bundle reader and writer.
 //! - [`adaptive`]: adaptive installs that copy unchanged chunks from the running slot.
 //! - [`slotio`]: bounded, direct I/O on the target slot.
 //! - [`bundle`]: the signed, chunked, zstd-compressed update bundle format.
@@ -39,6 +40,7 @@ pub mod http;
 pub mod init;
 pub mod install;
 pub mod layout;
+pub mod pipeline;
 pub mod running;
 pub mod select;
 pub mod slotio;

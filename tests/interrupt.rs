@@ -6,108 +6,32 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http_server::{Behavior, Server};
 use common::*;
 
-/// What the server answers for one path.
-#[derive(Clone)]
-enum Route {
-    /// 200 with the whole length declared; after `stall_after` bytes of the body nothing
-    /// more is sent, and the connection stays open until the client closes it.
-    Body {
-        data: Vec<u8>,
-        stall_after: Option<usize>,
-    },
-    /// 302 to this Location.
-    Redirect(String),
+/// Serves `data` at `path` as a server that stops sending after `stall_after` bytes of the
+/// body (Range ignored, the whole length declared) and then stays silent, connection open,
+/// for far longer than any test waits.
+fn serve_stalling(srv: &Server, path: &str, data: Vec<u8>, stall_after: Option<usize>) {
+    srv.put(path, data);
+    srv.behave(
+        path,
+        Behavior {
+            ignore_range: true,
+            stall_once: stall_after.map(|n| (n as u64, Duration::from_secs(600))),
+            ..Behavior::default()
+        },
+    );
 }
 
-/// A loopback HTTP server that can stall mid-body; it logs the path of every request.
-struct StallServer {
-    addr: String,
-    routes: Arc<Mutex<HashMap<String, Route>>>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl StallServer {
-    fn start() -> StallServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let routes = Arc::new(Mutex::new(HashMap::new()));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (r, l) = (Arc::clone(&routes), Arc::clone(&log));
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (r, l) = (Arc::clone(&r), Arc::clone(&l));
-                std::thread::spawn(move || serve(stream, &r, &l));
-            }
-        });
-        StallServer { addr, routes, log }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn route(&self, path: &str, route: Route) {
-        self.routes.lock().unwrap().insert(path.into(), route);
-    }
-
-    fn requests(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-fn serve(stream: TcpStream, routes: &Mutex<HashMap<String, Route>>, log: &Mutex<Vec<String>>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return;
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim_end().is_empty() {
-            break;
-        }
-    }
-    log.lock().unwrap().push(path.clone());
-    let route = routes.lock().unwrap().get(&path).cloned();
-    let mut out = stream;
-    match route {
-        None => {
-            let _ =
-                out.write_all(b"HTTP/1.1 404 X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
-        Some(Route::Redirect(to)) => {
-            let _ = write!(
-                out,
-                "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-        }
-        Some(Route::Body { data, stall_after }) => {
-            let sent = stall_after.unwrap_or(data.len()).min(data.len());
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                data.len()
-            );
-            if out.write_all(head.as_bytes()).is_err() || out.write_all(&data[..sent]).is_err() {
-                return;
-            }
-            let _ = out.flush();
-            if stall_after.is_some() {
-                // Hold the connection open, silent, until the client goes away.
-                let _ = reader.read_to_end(&mut Vec::new());
-            }
-        }
-    }
+/// The paths requested from `srv`, in order.
+fn requested_paths(srv: &Server) -> Vec<String> {
+    srv.log().into_iter().map(|l| l.path).collect()
 }
 
 /// A disk whose ROOT-A holds v1.0 (seeded, good, boots next) and whose ROOT-B is a good
@@ -278,13 +202,13 @@ fn sigterm_ends_an_install_from_a_stalled_pipe() {
 /// Starts an install or update against `srv` whose bundle stalls after a third, waits until
 /// the target is invalidated, sends SIGTERM and checks the outcome. The read timeout is the
 /// default 60 s: the signal must not wait for it.
-fn sigterm_during_stalled_download(n: &Node, srv: &StallServer, args: &[&str]) {
+fn sigterm_during_stalled_download(n: &Node, srv: &Server, args: &[&str]) {
     let mut child = n.spawn(args);
     n.wait_for_invalidated_target(&mut child);
     let (out, took) = terminate_within(child, Duration::from_secs(5));
     assert_exit_130(&out);
     assert!(took < Duration::from_secs(3), "took {took:?}");
-    assert!(!srv.requests().is_empty());
+    assert!(!srv.log().is_empty());
     n.assert_interrupted_cleanly();
 }
 
@@ -296,14 +220,8 @@ fn sigterm_ends_an_install_from_a_stalled_download() {
     let pubkey = test_pubkey().display().to_string();
     for adaptive in [false, true] {
         let n = node();
-        let srv = StallServer::start();
-        srv.route(
-            "/v2.abup",
-            Route::Body {
-                data: n.bundle.clone(),
-                stall_after: Some(n.bundle.len() / 3),
-            },
-        );
+        let srv = Server::start();
+        serve_stalling(&srv, "/v2.abup", n.bundle.clone(), Some(n.bundle.len() / 3));
         let url = srv.url("/v2.abup");
         let mut args = vec![
             "install",
@@ -341,20 +259,13 @@ fn sigterm_ends_an_update_whose_bundle_download_stalls() {
         "--out",
         index.to_str().unwrap(),
     ]);
-    let srv = StallServer::start();
-    srv.route(
-        "/stable/index.json",
-        Route::Body {
-            data: std::fs::read(&index).unwrap(),
-            stall_after: None,
-        },
-    );
-    srv.route(
+    let srv = Server::start();
+    srv.put("/stable/index.json", std::fs::read(&index).unwrap());
+    serve_stalling(
+        &srv,
         "/stable/v2.abup",
-        Route::Body {
-            data: n.bundle.clone(),
-            stall_after: Some(n.bundle.len() / 3),
-        },
+        n.bundle.clone(),
+        Some(n.bundle.len() / 3),
     );
     let pubkey = test_pubkey().display().to_string();
     let channel = srv.url("/stable/index.json");
@@ -385,8 +296,8 @@ fn redirect_to_a_file_url_is_an_unsupported_scheme() {
         return;
     }
     let n = node();
-    let srv = StallServer::start();
-    srv.route("/v2.abup", Route::Redirect("file:///etc/passwd".into()));
+    let srv = Server::start();
+    srv.redirect("/v2.abup", 302, "file:///etc/passwd");
     let disk_before = sha256_file(Path::new(&n.disk));
     let url = srv.url("/v2.abup");
     let pubkey = test_pubkey().display().to_string();
@@ -405,6 +316,6 @@ fn redirect_to_a_file_url_is_an_unsupported_scheme() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(9), "{stderr}");
     assert!(stderr.contains("unsupported scheme"), "{stderr}");
-    assert_eq!(srv.requests(), ["/v2.abup"]);
+    assert_eq!(requested_paths(&srv), ["/v2.abup"]);
     assert_eq!(sha256_file(Path::new(&n.disk)), disk_before, "disk changed");
 }

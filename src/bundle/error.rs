@@ -329,15 +329,10 @@ pub enum BundleError {
     Key(#[from] KeyError),
 }
 
-/// Joins a pipeline thread of the bundle reader or writer; a panic becomes
-/// [`BundleError::Internal`] naming `what` panicked.
-pub(crate) fn join_pipeline_thread<T>(
-    handle: std::thread::ScopedJoinHandle<'_, Result<T, BundleError>>,
-    what: &str,
-) -> Result<T, BundleError> {
-    handle
-        .join()
-        .unwrap_or_else(|_| Err(BundleError::Internal(format!("{what} panicked"))))
+impl From<crate::pipeline::PipelineFault> for BundleError {
+    fn from(fault: crate::pipeline::PipelineFault) -> Self {
+        BundleError::Internal(fault.to_string())
+    }
 }
 
 impl BundleError {

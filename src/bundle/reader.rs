@@ -10,20 +10,18 @@
 //! is capped at `chunk_size`; plus the chunk table (36 bytes per chunk). For
 //! the default 4 MiB chunks that is about 12.1 MiB + 9 KiB per GiB of image.
 
-use std::collections::BTreeMap;
 use std::io::{self, Read};
-use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
 
-use super::error::{join_pipeline_thread, BundleError, Section};
+use super::error::{BundleError, Section};
 use super::format::{
     max_compressed_len, read_full, read_verified_header, BundleHeader, VerifiedHeader,
 };
 use super::keys::{KeyId, Keyring};
 use super::source::BundleSource;
+use crate::pipeline;
 
 /// A chunk whose SHA-256 matched the signed chunk table.
 pub struct VerifiedChunk<'a> {
@@ -519,75 +517,50 @@ impl<R: Read> BundleReader<R> {
                 self.finish()
             };
         }
-        let in_flight = 2 * workers + 2;
-        let max_chunk = header.chunk_len(0) as usize;
-        let max_frame = max_compressed_len(header.chunk_len(0)) as usize;
-
-        // Slots circulate: reader fills `compressed`, a worker fills `data`,
-        // the collector consumes it and sends the slot back. The fixed number
-        // of slots is what bounds memory.
-        let (slot_tx, slot_rx) = mpsc::sync_channel::<Slot>(in_flight);
-        for _ in 0..in_flight {
-            slot_tx
-                .send(Slot {
-                    index: 0,
-                    compressed: Vec::with_capacity(max_frame),
-                    data: Vec::new(),
-                })
-                .map_err(|_| BundleError::Internal("slot channel closed".into()))?;
-        }
-        let (work_tx, work_rx) = mpsc::sync_channel::<Slot>(in_flight);
-        // Only the workers may hold the work receiver: if the collector
-        // stops, the workers exit and the reader's send must then fail
-        // instead of blocking forever on a receiver nobody drains.
-        let work_rx = Arc::new(Mutex::new(work_rx));
-        let worker_rxs: Vec<_> = (0..workers).map(|_| Arc::clone(&work_rx)).collect();
-        drop(work_rx);
-        let (done_tx, done_rx) = mpsc::sync_channel::<Result<Slot, BundleError>>(in_flight);
-        let hasher = self.image_hasher.take();
-        let inner = &mut self.inner;
-        let start_position = self.position;
-
-        let (collected, read_result, worker_results) = std::thread::scope(|s| {
-            let reader = s
-                .spawn(move || read_frames(inner, header, first, start_position, slot_rx, work_tx));
-            let mut handles = Vec::with_capacity(workers);
-            for work_rx in worker_rxs {
-                let done_tx = done_tx.clone();
-                let verified = &verified;
-                handles
-                    .push(s.spawn(move || decode_worker(verified, max_chunk, &work_rx, &done_tx)));
-            }
-            drop(done_tx);
-            let collected = collect_in_order(header, first, hasher, done_rx, slot_tx, sink);
-            let read_result = join_pipeline_thread(reader, "bundle reader thread");
-            let worker_results: Vec<Result<(), BundleError>> = handles
-                .into_iter()
-                .map(|h| join_pipeline_thread(h, "decode worker"))
-                .collect();
-            (collected, read_result, worker_results)
-        });
-
-        // The collector's own error is the most specific one, unless it only
-        // saw its input end early, in which case the reader or a worker
-        // stopped first and holds the cause.
-        match collected {
-            Ok(()) => {}
-            Err(CollectError::Failed(e)) => return Err(e),
-            Err(CollectError::InputEnded) => {
-                read_result?;
-                for r in worker_results {
-                    r?;
+        let stages = DecodeStages {
+            verified: &verified,
+            first,
+            max_chunk: header.chunk_len(0) as usize,
+            max_frame: max_compressed_len(header.chunk_len(0)) as usize,
+        };
+        let frames = FrameReader {
+            inner: &mut self.inner,
+            header,
+            first,
+            position: self.position,
+        };
+        let mut hasher = self.image_hasher.take();
+        let last = count - first - 1;
+        let end_position = pipeline::run(
+            &stages,
+            pipeline::Names {
+                pipeline: "parallel reader",
+                producer: "bundle reader thread",
+                worker: "decode worker",
+            },
+            count - first,
+            workers,
+            2 * workers + 2,
+            frames,
+            &mut |i, slot| {
+                let index = first + i;
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&slot.data);
                 }
-                return Err(BundleError::Internal(
-                    "parallel reader stopped without an error".into(),
-                ));
-            }
-        }
-        let end_position = read_result?;
-        for r in worker_results {
-            r?;
-        }
+                sink(VerifiedChunk {
+                    index,
+                    image_offset: header.chunk_image_offset(index),
+                    data: &slot.data,
+                })
+                .map_err(|source| BundleError::Sink { index, source })?;
+                // Checked here, on the last chunk, so a wrong image hash is reported before
+                // anything the reader thread finds after the last frame.
+                if let Some(h) = hasher.take_if(|_| i == last) {
+                    check_image_hash(header, h)?;
+                }
+                Ok(())
+            },
+        )?;
         self.position = end_position;
         self.next_index = count;
         self.end_checked = true;
@@ -595,129 +568,87 @@ impl<R: Read> BundleReader<R> {
     }
 }
 
-/// A buffer pair that travels reader → worker → collector → reader.
-struct Slot {
-    index: u32,
+/// A chunk's buffers as they travel reader → decoder → sink; `in_flight` of them exist, which
+/// is what bounds memory.
+struct FrameSlot {
     compressed: Vec<u8>,
     data: Vec<u8>,
 }
 
-enum CollectError {
-    /// The result channel closed before the last chunk: see the other threads.
-    InputEnded,
-    Failed(BundleError),
-}
-
-/// Reader thread: fills slots with compressed frames in order; returns the
-/// bundle position after the end checks.
-fn read_frames<R: Read>(
-    inner: &mut R,
-    header: &BundleHeader,
+/// The decode stage of [`BundleReader::read_parallel`]: item `i` is chunk `first + i`.
+struct DecodeStages<'a> {
+    verified: &'a VerifiedHeader,
     first: u32,
-    mut position: u64,
-    slot_rx: Receiver<Slot>,
-    work_tx: SyncSender<Slot>,
-) -> Result<u64, BundleError> {
-    for index in first..header.chunk_count() {
-        let Ok(mut slot) = slot_rx.recv() else {
-            // The collector stopped (it reports why).
-            return Ok(position);
-        };
-        let clen = header.chunks[index as usize].compressed_len as usize;
-        slot.index = index;
-        slot.compressed.resize(clen, 0);
-        read_section(inner, &mut slot.compressed, Section::Chunk(index), position)?;
-        position += clen as u64;
-        if work_tx.send(slot).is_err() {
-            return Ok(position);
-        }
-    }
-    check_end(inner, position)?;
-    Ok(position)
-}
-
-/// Worker thread: decodes slots until the work channel closes.
-fn decode_worker(
-    verified: &VerifiedHeader,
     max_chunk: usize,
-    work_rx: &Mutex<Receiver<Slot>>,
-    done_tx: &SyncSender<Result<Slot, BundleError>>,
-) -> Result<(), BundleError> {
-    let mut decoder = ChunkDecoder::new(verified.header().chunk_size)?;
-    loop {
-        let next = match work_rx.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return Err(BundleError::Internal("work queue lock poisoned".into())),
-        };
-        let Ok(mut slot) = next else {
-            return Ok(());
-        };
-        slot.data.resize(max_chunk, 0);
-        let result = decoder
-            .decode(verified, slot.index, &slot.compressed, &mut slot.data)
-            .map(|d| d.len());
-        let message = match result {
-            Ok(len) => {
-                slot.data.truncate(len);
-                Ok(slot)
-            }
-            Err(e) => Err(e),
-        };
-        if done_tx.send(message).is_err() {
-            return Ok(());
+    max_frame: usize,
+}
+
+impl pipeline::Stages for DecodeStages<'_> {
+    type Slot = FrameSlot;
+    type Worker = ChunkDecoder;
+    type Error = BundleError;
+
+    fn new_slot(&self) -> FrameSlot {
+        FrameSlot {
+            compressed: Vec::with_capacity(self.max_frame),
+            data: Vec::new(),
         }
+    }
+
+    fn new_worker(&self) -> Result<ChunkDecoder, BundleError> {
+        ChunkDecoder::new(self.verified.header().chunk_size)
+    }
+
+    fn work(
+        &self,
+        decoder: &mut ChunkDecoder,
+        i: u32,
+        slot: &mut FrameSlot,
+    ) -> Result<(), BundleError> {
+        slot.data.resize(self.max_chunk, 0);
+        let len = decoder
+            .decode(
+                self.verified,
+                self.first + i,
+                &slot.compressed,
+                &mut slot.data,
+            )?
+            .len();
+        slot.data.truncate(len);
+        Ok(())
     }
 }
 
-/// Collector (calling thread): puts chunks back in order, hashes the image,
-/// calls the sink and recycles slots.
-fn collect_in_order(
-    header: &BundleHeader,
+/// The reader thread of [`BundleReader::read_parallel`]: compressed frames in order, then the
+/// end-of-bundle checks; its output is the bundle position after them.
+struct FrameReader<'a, R> {
+    inner: &'a mut R,
+    header: &'a BundleHeader,
     first: u32,
-    mut hasher: Option<Sha256>,
-    done_rx: Receiver<Result<Slot, BundleError>>,
-    slot_tx: SyncSender<Slot>,
-    sink: &mut dyn FnMut(VerifiedChunk<'_>) -> io::Result<()>,
-) -> Result<(), CollectError> {
-    let count = header.chunk_count();
-    let mut pending: BTreeMap<u32, Slot> = BTreeMap::new();
-    let mut next = first;
-    while next < count {
-        let slot = match pending.remove(&next) {
-            Some(slot) => slot,
-            None => {
-                let Ok(msg) = done_rx.recv() else {
-                    return Err(CollectError::InputEnded);
-                };
-                let slot = msg.map_err(CollectError::Failed)?;
-                if slot.index != next {
-                    pending.insert(slot.index, slot);
-                    continue;
-                }
-                slot
-            }
-        };
-        if let Some(h) = hasher.as_mut() {
-            h.update(&slot.data);
-        }
-        sink(VerifiedChunk {
-            index: next,
-            image_offset: header.chunk_image_offset(next),
-            data: &slot.data,
-        })
-        .map_err(|source| {
-            CollectError::Failed(BundleError::Sink {
-                index: next,
-                source,
-            })
-        })?;
-        next += 1;
-        // The reader may already have finished; a closed channel is fine.
-        let _ = slot_tx.send(slot);
+    position: u64,
+}
+
+impl<R: Read + Send> pipeline::Producer<FrameSlot> for FrameReader<'_, R> {
+    type Output = u64;
+    type Error = BundleError;
+
+    fn fill(&mut self, i: u32, slot: &mut FrameSlot) -> Result<(), BundleError> {
+        let index = self.first + i;
+        let clen = self.header.chunks[index as usize].compressed_len as usize;
+        slot.compressed.resize(clen, 0);
+        read_section(
+            self.inner,
+            &mut slot.compressed,
+            Section::Chunk(index),
+            self.position,
+        )?;
+        self.position += clen as u64;
+        Ok(())
     }
-    match hasher {
-        Some(h) => check_image_hash(header, h).map_err(CollectError::Failed),
-        None => Ok(()),
+
+    fn finish(self) -> Result<u64, BundleError> {
+        check_end(self.inner, self.position)?;
+        Ok(self.position)
     }
 }
 

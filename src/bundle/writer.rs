@@ -7,24 +7,22 @@
 //! file is synced and renamed over the output. Nothing of the compressed
 //! image is kept in memory beyond the chunks in flight.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
 
-use super::error::{join_pipeline_thread, BundleError};
+use super::error::BundleError;
 use super::format::{
     check_chunk_size, check_image_size, check_string, BundleHeader, ChunkEntry, Compression,
     Extension, EXT_FIRST_BLOCK_HASHES, FIRST_BLOCK_HASH_LEN, FIRST_BLOCK_LEN, FORMAT_VERSION,
     MAX_EXTENSIONS_LEN,
 };
 use super::keys::KeyId;
+use crate::pipeline;
 
 /// zstd level used by [`create_bundle`]: zstd's own default, a good
 /// speed/ratio point; bundles are built once but on CI machines that wait.
@@ -232,10 +230,9 @@ fn check_extensions(extensions: &[Extension]) -> Result<(), BundleError> {
     Ok(())
 }
 
-/// A chunk moving through the pipeline. Slots are recycled, and only a
-/// fixed number exist, which bounds memory whatever the image size.
-struct Slot {
-    index: u32,
+/// A chunk's buffers as they travel image reader → compressor → bundle file; a fixed number
+/// exist (see [`crate::pipeline`]), which bounds memory whatever the image size.
+struct ChunkSlot {
     data: Vec<u8>,
     compressed: Vec<u8>,
     sha256: [u8; 32],
@@ -257,202 +254,131 @@ fn compress_chunks(
 ) -> Result<(Vec<ChunkEntry>, [u8; 32]), BundleError> {
     let chunk_count = image_size.div_ceil(chunk_size as u64) as u32;
     let threads = threads.max(1);
-    let in_flight = 2 * threads + 2;
-    let (slot_tx, slot_rx) = mpsc::sync_channel::<Slot>(in_flight);
-    for _ in 0..in_flight {
-        slot_tx
-            .send(Slot {
-                index: 0,
-                data: Vec::new(),
-                compressed: Vec::new(),
-                sha256: [0; 32],
-            })
-            .map_err(|_| BundleError::Internal("slot channel closed".into()))?;
-    }
-    let (work_tx, work_rx) = mpsc::sync_channel::<Slot>(in_flight);
-    // Only workers hold the work receiver (see the reader's parallel path).
-    let work_rx = Arc::new(Mutex::new(work_rx));
-    let worker_rxs: Vec<_> = (0..threads).map(|_| Arc::clone(&work_rx)).collect();
-    drop(work_rx);
-    let (done_tx, done_rx) = mpsc::sync_channel::<Result<Slot, BundleError>>(in_flight);
-
-    let (collected, read_result, worker_results) = std::thread::scope(|s| {
-        let reader = s.spawn(move || {
-            read_image(
-                image_file,
-                image_path,
+    let reader = ImageReader {
+        file: image_file,
+        path: image_path,
+        image_size,
+        chunk_size,
+        hasher: Sha256::new(),
+    };
+    let mut entries = Vec::with_capacity(chunk_count as usize);
+    progress(0, image_size);
+    let image_sha256 = pipeline::run(
+        &CompressStages { level },
+        pipeline::Names {
+            pipeline: "compression",
+            producer: "image reader thread",
+            worker: "compression worker",
+        },
+        chunk_count,
+        threads,
+        2 * threads + 2,
+        reader,
+        &mut |index, slot| {
+            let compressed_len = u32::try_from(slot.compressed.len())
+                .ok()
+                .filter(|&l| l <= super::format::max_compressed_len(slot.data.len() as u32))
+                .ok_or_else(|| {
+                    BundleError::Internal(format!(
+                        "chunk {index} compressed to {} bytes, above the format's bound",
+                        slot.compressed.len()
+                    ))
+                })?;
+            temp.file.write_all(&slot.compressed).map_err(|e| {
+                BundleError::io(
+                    format!("writing chunk {index} to {}", temp.path.display()),
+                    e,
+                )
+            })?;
+            entries.push(ChunkEntry {
+                compressed_len,
+                sha256: slot.sha256,
+            });
+            progress(
+                ((index as u64 + 1) * chunk_size as u64).min(image_size),
                 image_size,
-                chunk_size,
-                chunk_count,
-                slot_rx,
-                work_tx,
-            )
-        });
-        let mut handles = Vec::with_capacity(threads);
-        for work_rx in worker_rxs {
-            let done_tx = done_tx.clone();
-            handles.push(s.spawn(move || compress_worker(level, &work_rx, &done_tx)));
-        }
-        drop(done_tx);
-        let collected = write_in_order(
-            chunk_count,
-            chunk_size,
-            image_size,
-            done_rx,
-            slot_tx,
-            temp,
-            progress,
-        );
-        let read_result = join_pipeline_thread(reader, "image reader thread");
-        let worker_results: Vec<Result<(), BundleError>> = handles
-            .into_iter()
-            .map(|h| join_pipeline_thread(h, "compression worker"))
-            .collect();
-        (collected, read_result, worker_results)
-    });
-
-    match collected {
-        Ok(entries) => {
-            let image_sha256 = read_result?;
-            for r in worker_results {
-                r?;
-            }
-            Ok((entries, image_sha256))
-        }
-        Err(None) => {
-            // The collector's input ended early: the cause is elsewhere.
-            read_result?;
-            for r in worker_results {
-                r?;
-            }
-            Err(BundleError::Internal(
-                "compression stopped without an error".into(),
-            ))
-        }
-        Err(Some(e)) => Err(e),
-    }
+            );
+            Ok(())
+        },
+    )?;
+    Ok((entries, image_sha256))
 }
 
-fn read_image(
-    image_file: &mut File,
-    image_path: &Path,
+/// The image reader thread of [`compress_chunks`]: chunks in order, hashing the whole image.
+struct ImageReader<'a> {
+    file: &'a mut File,
+    path: &'a Path,
     image_size: u64,
     chunk_size: u32,
-    chunk_count: u32,
-    slot_rx: Receiver<Slot>,
-    work_tx: SyncSender<Slot>,
-) -> Result<[u8; 32], BundleError> {
-    let mut hasher = Sha256::new();
-    for index in 0..chunk_count {
-        let Ok(mut slot) = slot_rx.recv() else {
-            // The writer stopped; it reports why.
-            return Ok([0; 32]);
-        };
-        let offset = index as u64 * chunk_size as u64;
-        let len = (image_size - offset).min(chunk_size as u64) as usize;
-        slot.index = index;
+    hasher: Sha256,
+}
+
+impl pipeline::Producer<ChunkSlot> for ImageReader<'_> {
+    type Output = [u8; 32];
+    type Error = BundleError;
+
+    fn fill(&mut self, index: u32, slot: &mut ChunkSlot) -> Result<(), BundleError> {
+        let offset = index as u64 * self.chunk_size as u64;
+        let len = (self.image_size - offset).min(self.chunk_size as u64) as usize;
         slot.data.resize(len, 0);
-        image_file.read_exact(&mut slot.data).map_err(|e| {
+        self.file.read_exact(&mut slot.data).map_err(|e| {
             BundleError::io(
                 format!(
                     "reading chunk {index} ({len} bytes at offset {offset}) of image {} (did it shrink?)",
-                    image_path.display()
+                    self.path.display()
                 ),
                 e,
             )
         })?;
-        hasher.update(&slot.data);
-        if work_tx.send(slot).is_err() {
-            return Ok([0; 32]);
-        }
+        self.hasher.update(&slot.data);
+        Ok(())
     }
-    Ok(hasher.finalize().into())
+
+    fn finish(self) -> Result<[u8; 32], BundleError> {
+        Ok(self.hasher.finalize().into())
+    }
 }
 
-fn compress_worker(
+/// The compression stage of [`compress_chunks`]: each chunk hashed and compressed alone.
+struct CompressStages {
     level: i32,
-    work_rx: &Mutex<Receiver<Slot>>,
-    done_tx: &SyncSender<Result<Slot, BundleError>>,
-) -> Result<(), BundleError> {
-    let mut compressor = zstd::bulk::Compressor::new(level)
-        .map_err(|e| BundleError::io("creating a zstd compressor", e))?;
-    loop {
-        let next = match work_rx.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return Err(BundleError::Internal("work queue lock poisoned".into())),
-        };
-        let Ok(mut slot) = next else {
-            return Ok(());
-        };
+}
+
+impl pipeline::Stages for CompressStages {
+    type Slot = ChunkSlot;
+    type Worker = zstd::bulk::Compressor<'static>;
+    type Error = BundleError;
+
+    fn new_slot(&self) -> ChunkSlot {
+        ChunkSlot {
+            data: Vec::new(),
+            compressed: Vec::new(),
+            sha256: [0; 32],
+        }
+    }
+
+    fn new_worker(&self) -> Result<Self::Worker, BundleError> {
+        zstd::bulk::Compressor::new(self.level)
+            .map_err(|e| BundleError::io("creating a zstd compressor", e))
+    }
+
+    fn work(
+        &self,
+        compressor: &mut Self::Worker,
+        _index: u32,
+        slot: &mut ChunkSlot,
+    ) -> Result<(), BundleError> {
         slot.sha256 = Sha256::digest(&slot.data).into();
         slot.compressed.clear();
         slot.compressed
             .reserve(zstd::zstd_safe::compress_bound(slot.data.len()));
         // One independent frame per chunk (with its content size), so a
         // reader can start at any chunk and decode chunks in parallel.
-        let result = compressor
+        compressor
             .compress_to_buffer(&slot.data, &mut slot.compressed)
-            .map(|_| slot)
-            .map_err(|e| BundleError::io("compressing a chunk with zstd", e));
-        if done_tx.send(result).is_err() {
-            return Ok(());
-        }
+            .map(|_| ())
+            .map_err(|e| BundleError::io("compressing a chunk with zstd", e))
     }
-}
-
-/// Collector (calling thread). `Err(None)` means the input ended early.
-fn write_in_order(
-    chunk_count: u32,
-    chunk_size: u32,
-    image_size: u64,
-    done_rx: Receiver<Result<Slot, BundleError>>,
-    slot_tx: SyncSender<Slot>,
-    temp: &mut TempFile,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Vec<ChunkEntry>, Option<BundleError>> {
-    let mut entries = Vec::with_capacity(chunk_count as usize);
-    let mut pending: BTreeMap<u32, Slot> = BTreeMap::new();
-    let mut next = 0;
-    progress(0, image_size);
-    while next < chunk_count {
-        let slot = match pending.remove(&next) {
-            Some(slot) => slot,
-            None => {
-                let slot = done_rx.recv().map_err(|_| None)?.map_err(Some)?;
-                if slot.index != next {
-                    pending.insert(slot.index, slot);
-                    continue;
-                }
-                slot
-            }
-        };
-        let compressed_len = u32::try_from(slot.compressed.len())
-            .ok()
-            .filter(|&l| l <= super::format::max_compressed_len(slot.data.len() as u32))
-            .ok_or_else(|| {
-                Some(BundleError::Internal(format!(
-                    "chunk {next} compressed to {} bytes, above the format's bound",
-                    slot.compressed.len()
-                )))
-            })?;
-        temp.file.write_all(&slot.compressed).map_err(|e| {
-            Some(BundleError::io(
-                format!("writing chunk {next} to {}", temp.path.display()),
-                e,
-            ))
-        })?;
-        entries.push(ChunkEntry {
-            compressed_len,
-            sha256: slot.sha256,
-        });
-        next += 1;
-        progress(
-            (next as u64 * chunk_size as u64).min(image_size),
-            image_size,
-        );
-        let _ = slot_tx.send(slot);
-    }
-    Ok(entries)
 }
 
 /// A temporary file next to the output, removed on drop unless persisted.

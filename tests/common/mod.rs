@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use sha2::{Digest, Sha256};
 
 pub mod gpt_edit;
+pub mod http_server;
 
 /// Path of the abupdate binary under test.
 pub fn bin() -> PathBuf {
