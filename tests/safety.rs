@@ -574,3 +574,47 @@ fn a_keyring_entry_that_cannot_be_read_is_an_error_not_skipped() {
         "a refused keyring wrote the disk"
     );
 }
+
+/// Found by the model test (seed 1555): demoting the only committed slot to a one-try trial
+/// left a disk that booted once and then had nothing bootable. Every slot operation now keeps
+/// a committed slot while one exists, unless `--force`.
+#[test]
+fn the_last_committed_slot_cannot_be_demoted_to_a_trial_without_force() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let d = Disk::seeded();
+    let before = std::fs::read(d.path()).unwrap();
+    let demote = |extra: &[&str]| {
+        let mut args = vec![
+            "set-attributes",
+            "--disk",
+            &d.disk,
+            "--slot",
+            "ROOT-A",
+            "--priority",
+            "7",
+            "--tries",
+            "1",
+            "--successful",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        d.run(&args)
+    };
+    let line = refused(&demote(&[]), 8);
+    assert!(line.contains("no committed slot"), "{line}");
+    assert_eq!(std::fs::read(d.path()).unwrap(), before, "a refused change wrote");
+    // mark-bad of the committed slot while the other is only on trial: refused too.
+    assert_eq!(code(&d.install(&d.bundle(2), &[])), Some(0));
+    let on_trial = std::fs::read(d.path()).unwrap();
+    let line = refused(
+        &d.run(&["mark-bad", "--disk", &d.disk, "--slot", "ROOT-A"]),
+        8,
+    );
+    assert!(line.contains("no committed slot"), "{line}");
+    assert_eq!(std::fs::read(d.path()).unwrap(), on_trial);
+    // The operator can still say so explicitly.
+    assert_eq!(code(&demote(&["--force"])), Some(0));
+    assert_eq!(cgpt_fields(&d.disk, 1), (7, 1, false));
+}
