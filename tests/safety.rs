@@ -604,7 +604,11 @@ fn the_last_committed_slot_cannot_be_demoted_to_a_trial_without_force() {
     };
     let line = refused(&demote(&[]), 8);
     assert!(line.contains("no committed slot"), "{line}");
-    assert_eq!(std::fs::read(d.path()).unwrap(), before, "a refused change wrote");
+    assert_eq!(
+        std::fs::read(d.path()).unwrap(),
+        before,
+        "a refused change wrote"
+    );
     // mark-bad of the committed slot while the other is only on trial: refused too.
     assert_eq!(code(&d.install(&d.bundle(2), &[])), Some(0));
     let on_trial = std::fs::read(d.path()).unwrap();
