@@ -711,8 +711,7 @@ fn verify_cached(
     index: &ChannelIndex,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<(), ChannelError> {
-    let report =
-        bundle::cli_support::verify(path, keyring, 0, &mut |d, t| progress("verifying", d, t))?;
+    let report = bundle::verify(path, keyring, 0, &mut |d, t| progress("verifying", d, t))?;
     let mismatch = |reason: String| ChannelError::CacheMismatch {
         path: path.to_path_buf(),
         reason,

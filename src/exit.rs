@@ -45,6 +45,18 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     use crate::install::InstallError;
     use crate::slotio::SlotIoError;
     use crate::slots::SlotError;
+    // Wrappers that only say which step failed: the error inside decides.
+    if let Some(e) = err.downcast_ref::<crate::update::UpdateError>() {
+        let inner = e.inner();
+        return if std::ptr::addr_eq(inner, err) {
+            None
+        } else {
+            classify_error(inner)
+        };
+    }
+    if let Some(e) = err.downcast_ref::<crate::slots::OpenDiskError>() {
+        return classify_error(e.inner());
+    }
     if let Some(e) = err.downcast_ref::<OpenError>() {
         return Some(match e {
             OpenError::Locked { .. } => Exit::Busy,
@@ -140,6 +152,36 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
 }
 
 /// A download error that reached the bundle reader through its `Read` source.
+/// The exit code of an error: the first error in its chain of causes that
+/// [`classify_error`] knows, else [`Exit::Failure`].
+pub fn classify_chain(err: &(dyn std::error::Error + 'static)) -> Exit {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        if let Some(exit) = classify_error(e) {
+            return exit;
+        }
+        cause = e.source();
+    }
+    Exit::Failure
+}
+
+/// An error and its causes on one line, without repeating a cause its parent already shows.
+pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        cause = e.source();
+    }
+    out.replace('\n', " ")
+}
+
 fn http_inside(err: &crate::bundle::BundleError) -> Option<&crate::http::HttpError> {
     match err {
         crate::bundle::BundleError::Io { source, .. } => crate::http::HttpError::from_io(source),

@@ -36,7 +36,7 @@ use crate::adaptive::{self, ChunkSource, Plan, PlanSummary};
 use crate::attrs::SlotAttributes;
 use crate::bundle::{BundleError, BundleReader, BundleSource, Keyring};
 use crate::footer::{self, SlotRecord, RECORD_BYTES};
-use crate::running::{self, RunningSource};
+use crate::running;
 use crate::select;
 use crate::slotio::{ReadOnlyView, SlotBacking, SlotIo, SlotIoError, SlotTarget};
 use crate::slots::{AbDisk, SlotError};
@@ -353,27 +353,9 @@ pub fn install<D: SlotBacking, R: BundleSource>(
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
 
     // 1. Running and target slots.
-    let (running, source) = match &options.running {
-        Some(name) => (disk.slot_index(&slots, name)?, RunningSource::Explicit),
-        None => match disk
-            .dev
-            .location()
-            .and_then(|(path, is_block)| running::detect(path, is_block, &slots))
-        {
-            Some(found) => found,
-            None => (
-                select::next_slot(&attrs).ok_or(InstallError::NoRunningSlot)?,
-                RunningSource::NextBoot,
-            ),
-        },
-    };
+    let (found, target) = running::running_and_target(disk, &slots, options.running.as_deref())?;
+    let (running, source) = (found.index, found.source);
     let source_text = source.as_str().to_string();
-    let target =
-        (0..slots.len())
-            .find(|&i| i != running)
-            .ok_or_else(|| InstallError::TargetIsRunning {
-                slot: slots[running].name.clone(),
-            })?;
     if select::check_install_target(&attrs, target).is_err() {
         return Err(InstallError::TargetIsLastGood {
             target: slots[target].name.clone(),

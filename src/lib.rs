@@ -10,7 +10,7 @@
 //! - [`slots`]: finding the A/B slots on a disk and reporting their state.
 //! - [`init`]: creating a fresh file-backed A/B disk.
 //! - [`footer`]: the per-slot record of what is installed (version, image hash).
-//! - [`running`]: finding the running slot.
+//! - [`running`]: finding the running slot (and the install target).
 //! - [`boot`]: the boot-time hook.
 //! - [`commit`]: the post-boot health commit and manual slot operations.
 //! - [`exit`]: the CLI's documented exit codes.
@@ -23,6 +23,8 @@
 //! - [`http`]: fetching bundles over HTTP(S) with resume, bounded retries and timeouts.
 //! - [`channel`]: the signed update channel index, update decisions and the download cache.
 //! - [`config`]: the `/etc/abupdate.toml` configuration file.
+//! - [`update`]: `check` and `update`: ask the channel, decide, then install or download.
+//! - [`cli`]: the `abupdate` command line (parsing, settings, output); `main.rs` only calls it.
 
 pub mod adaptive;
 pub mod attrs;
@@ -30,6 +32,7 @@ pub mod blockdev;
 pub mod boot;
 pub mod bundle;
 pub mod channel;
+pub mod cli;
 pub mod commit;
 pub mod config;
 pub mod disklock;
@@ -46,3 +49,4 @@ pub mod select;
 pub mod slotio;
 pub mod slots;
 pub mod sys;
+pub mod update;

@@ -8,7 +8,10 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::slots::{partition_device_path, Slot};
+use crate::blockdev::BlockDevice;
+use crate::install::InstallError;
+use crate::slotio::SlotBacking;
+use crate::slots::{partition_device_path, AbDisk, Slot, SlotError};
 
 /// How the running slot was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -95,4 +98,72 @@ pub fn detect(
                 .unwrap_or(false)
         })
         .map(|i| (i, RunningSource::RootDevice))
+}
+
+/// The running slot and how it was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    /// Index into the disk's slots.
+    pub index: usize,
+    /// How it was found.
+    pub source: RunningSource,
+}
+
+/// What [`find`] answers when the running slot is neither named nor detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Nothing: the caller asks for `--slot` (manual slot operations, `status`).
+    Nothing,
+    /// The slot that boots next, as when preparing a disk image (install, check, update).
+    NextBoot,
+}
+
+/// The one place the running slot is found: the slot named by `explicit`, else the one
+/// [`detect`] finds on this machine for `disk`, else the `fallback`.
+pub fn find<D: BlockDevice + SlotBacking>(
+    disk: &AbDisk<D>,
+    slots: &[Slot],
+    explicit: Option<&str>,
+    fallback: Fallback,
+) -> Result<Option<Running>, SlotError> {
+    if let Some(name) = explicit {
+        return Ok(Some(Running {
+            index: disk.slot_index(slots, name)?,
+            source: RunningSource::Explicit,
+        }));
+    }
+    let detected = disk
+        .dev
+        .location()
+        .and_then(|(path, is_block)| detect(path, is_block, slots));
+    if let Some((index, source)) = detected {
+        return Ok(Some(Running { index, source }));
+    }
+    Ok(match fallback {
+        Fallback::Nothing => None,
+        Fallback::NextBoot => {
+            let attrs: Vec<_> = slots.iter().map(|s| s.attrs).collect();
+            crate::select::next_slot(&attrs).map(|index| Running {
+                index,
+                source: RunningSource::NextBoot,
+            })
+        }
+    })
+}
+
+/// The running slot ([`find`] with the next-boot fallback) and the target an install
+/// writes: the other slot.
+pub fn running_and_target<D: BlockDevice + SlotBacking>(
+    disk: &AbDisk<D>,
+    slots: &[Slot],
+    explicit: Option<&str>,
+) -> Result<(Running, usize), InstallError> {
+    let running =
+        find(disk, slots, explicit, Fallback::NextBoot)?.ok_or(InstallError::NoRunningSlot)?;
+    let target = (0..slots.len())
+        .find(|&i| i != running.index)
+        .ok_or_else(|| InstallError::TargetIsRunning {
+            slot: slots[running.index].name.clone(),
+        })?;
+    Ok((running, target))
 }

@@ -6,13 +6,68 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::attrs::{SlotAttributes, SlotFields};
-use crate::blockdev::BlockDevice;
+use crate::blockdev::{BlockDevice, FileDevice};
 use crate::gpt::{CopyHealth, Entry, Gpt, GptError};
 use crate::layout::{self, SlotEntries, SlotLabels};
 use crate::select;
 
 /// Default slot labels, in the order abupdate calls them A and B.
 pub const DEFAULT_LABELS: [&str; 2] = ["ROOT-A", "ROOT-B"];
+
+/// A disk named by its path: what every command that opens one needs.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// Disk image file or block device.
+    pub path: PathBuf,
+    /// Logical sector size of an image file (block devices report their own).
+    pub sector_size: Option<u32>,
+    /// The slot labels.
+    pub labels: SlotLabels,
+}
+
+/// Errors opening a [`DiskSpec`]: the device, or its partition table.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenDiskError {
+    /// Opening or locking the device failed.
+    #[error(transparent)]
+    Device(#[from] crate::blockdev::OpenError),
+    /// The partition table or the slot labels are unusable.
+    #[error(transparent)]
+    Slots(#[from] SlotError),
+}
+
+impl OpenDiskError {
+    /// The error inside (this type only says which step failed).
+    pub fn inner(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            OpenDiskError::Device(e) => e,
+            OpenDiskError::Slots(e) => e,
+        }
+    }
+}
+
+impl DiskSpec {
+    /// Opens the disk, read-only unless `writable`, without the lock.
+    pub fn open(&self, writable: bool) -> Result<AbDisk<FileDevice>, OpenDiskError> {
+        let dev = FileDevice::open(&self.path, writable, self.sector_size)?;
+        Ok(AbDisk::open(
+            dev,
+            &self.path.display().to_string(),
+            &self.labels,
+        )?)
+    }
+
+    /// Opens the disk writable and takes the abupdate lock.
+    pub fn open_locked(&self) -> Result<AbDisk<FileDevice>, OpenDiskError> {
+        let dev = FileDevice::open(&self.path, true, self.sector_size)?;
+        dev.lock()?;
+        Ok(AbDisk::open(
+            dev,
+            &self.path.display().to_string(),
+            &self.labels,
+        )?)
+    }
+}
 
 /// Errors finding or changing slots.
 #[derive(Debug, thiserror::Error)]

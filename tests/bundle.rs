@@ -7,7 +7,6 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use abupdate::bundle::cli_support;
 use abupdate::bundle::format::{
     header_len_from_prefix, max_compressed_len, FIXED_HEADER_LEN, FORMAT_VERSION, SIGNATURE_LEN,
 };
@@ -17,6 +16,7 @@ use abupdate::bundle::{
     BundleError, BundleHeader, BundleReader, ChunkEntry, Compression, CreateOptions, Extension,
     KeyId, Keyring, Section, MIN_CHUNK_SIZE,
 };
+use abupdate::cli::bundle as cli_support;
 use ed25519_dalek::{Signer, SigningKey};
 use rand::{Rng, RngCore, SeedableRng};
 use sha2::{Digest, Sha256};

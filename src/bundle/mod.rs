@@ -19,16 +19,15 @@
 //! - [`BundleReader`]: stream verified chunks out of a bundle
 //!   ([`BundleReader::resume_at`] to start at chunk N,
 //!   [`BundleReader::read_parallel`] to decode on several threads).
-//! - [`cli_support`]: the handlers behind `keygen`, `bundle info`,
-//!   `bundle verify`.
+//! - [`verify()`]: fully verify a bundle file (`bundle verify`, the download cache).
 
-pub mod cli_support;
 pub mod error;
 pub mod format;
 pub mod interruptible;
 pub mod keys;
 pub mod reader;
 pub mod source;
+pub mod verify;
 pub mod writer;
 
 pub use error::{BundleError, KeyError, Section};
@@ -40,4 +39,5 @@ pub use interruptible::{run_interruptible, Interrupted, Interruptible};
 pub use keys::{KeyId, Keyring};
 pub use reader::{BundleReader, ChunkDecoder, VerifiedChunk};
 pub use source::BundleSource;
+pub use verify::{verify, VerifyReport};
 pub use writer::{create_bundle, create_bundle_with_options, CreateOptions};

@@ -1,63 +1,153 @@
-//! Handlers behind the `keygen` and `bundle` subcommands, kept free of clap
-//! so they are testable and the CLI stays a thin argument mapping.
+//! `bundle create`, `bundle info` and `bundle verify`.
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
+use anyhow::Result;
+use clap::Subcommand;
 use serde::Serialize;
 
-use super::error::{BundleError, KeyError};
-use super::format::{BundleHeader, RawHeader};
-use super::keys::{self, KeyId, Keyring};
-use super::reader::BundleReader;
+use super::output::Progress;
+use crate::bundle::format::{BundleHeader, RawHeader};
+use crate::bundle::{BundleError, KeyId, Keyring};
 
-/// What `keygen` produced.
-#[derive(Debug, Clone, Serialize)]
-pub struct KeygenReport {
-    /// Id of the new key.
-    pub key_id: KeyId,
-    /// The secret key file (mode 0600).
-    pub secret_path: PathBuf,
-    /// The public key file.
-    pub public_path: PathBuf,
+pub use super::keygen::{keygen, KeygenReport};
+pub use crate::bundle::{verify, VerifyReport};
+
+/// Bundle creation and inspection.
+#[derive(Subcommand, Debug)]
+pub enum BundleCommand {
+    /// Compress (zstd, all cores), hash and sign an image into a bundle.
+    Create {
+        /// The raw image (e.g. an ext4 or erofs root filesystem).
+        #[arg(long)]
+        image: PathBuf,
+        /// Secret key file (from `abupdate keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Image version string.
+        #[arg(long)]
+        version: String,
+        /// Compatible string: which devices the image is for.
+        #[arg(long)]
+        compatible: String,
+        /// Output bundle file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Uncompressed chunk size (64K to 64M, power of two).
+        #[arg(long, value_parser = parse_size, default_value = "4M")]
+        chunk_size: u64,
+    },
+    /// Show a bundle's header (and check its signature when a keyring is given).
+    Info {
+        /// The bundle file.
+        bundle: PathBuf,
+        /// Trusted key file or directory, to check the signature.
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fully verify a bundle: signature, every chunk, the whole-image hash.
+    Verify {
+        /// The bundle file.
+        bundle: PathBuf,
+        /// Trusted key directory (any *.pub in it may have signed).
+        #[arg(long, conflicts_with = "pubkey", required_unless_present = "pubkey")]
+        keyring: Option<PathBuf>,
+        /// A single trusted public key file.
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-/// Generates a key pair and writes `NAME.key` (mode 0600) and `NAME.pub`,
-/// where `name` is a path without extension. Refuses to overwrite either
-/// file; on failure no half-written pair is left behind.
-pub fn keygen(name: &Path) -> Result<KeygenReport, BundleError> {
-    let secret_path = with_suffix(name, "key");
-    let public_path = with_suffix(name, "pub");
-    for path in [&secret_path, &public_path] {
-        if path.exists() {
-            return Err(KeyError::Exists { path: path.clone() }.into());
+/// Runs a `bundle` subcommand.
+pub fn run(cmd: BundleCommand) -> Result<()> {
+    match cmd {
+        BundleCommand::Create {
+            image,
+            key,
+            version,
+            compatible,
+            out,
+            chunk_size,
+        } => {
+            let secret = crate::bundle::keys::read_secret_key(&key)?;
+            let chunk_size = u32::try_from(chunk_size)
+                .map_err(|_| anyhow::anyhow!("chunk size {chunk_size} is too large"))?;
+            let mut progress = Progress::new("compressing", false);
+            let header = crate::bundle::create_bundle(
+                &image,
+                &secret,
+                &version,
+                &compatible,
+                chunk_size,
+                &out,
+                &mut |d, t| progress.update(d, t),
+            )?;
+            progress.finish();
+            println!(
+                "created {}: version {}, compatible {}, {} bytes in {} chunks, {} bytes on disk",
+                out.display(),
+                header.image_version,
+                header.compatible,
+                header.image_size,
+                header.chunk_count(),
+                header.bundle_len()
+            );
+            Ok(())
+        }
+        BundleCommand::Info {
+            bundle,
+            keyring,
+            json,
+        } => {
+            let ring = keyring.as_deref().map(Keyring::load).transpose()?;
+            let report = info(&bundle, ring.as_ref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.to_json(true))?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        BundleCommand::Verify {
+            bundle,
+            keyring,
+            pubkey,
+            json,
+        } => {
+            let ring = Keyring::load(
+                keyring
+                    .as_deref()
+                    .or(pubkey.as_deref())
+                    .expect("clap requires one"),
+            )?;
+            let mut progress = Progress::new("verifying", json);
+            let report = verify(&bundle, &ring, 0, &mut |d, t| progress.update(d, t))?;
+            progress.finish();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{}: OK, signed by key {}, version {}, compatible {}, {} bytes, sha256 {} ({:.2} s)",
+                    bundle.display(),
+                    report.key_id,
+                    report.image_version,
+                    report.compatible,
+                    report.image_size,
+                    report.image_sha256,
+                    report.seconds
+                );
+            }
+            Ok(())
         }
     }
-    let comment = name
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let key = keys::generate_signing_key();
-    keys::write_secret_key(&secret_path, &key, &comment)?;
-    if let Err(e) = keys::write_public_key(&public_path, &key.verifying_key(), &comment) {
-        // Without its public half the secret key is useless and confusing.
-        let _ = std::fs::remove_file(&secret_path);
-        return Err(e.into());
-    }
-    Ok(KeygenReport {
-        key_id: KeyId::of(&key.verifying_key()),
-        secret_path,
-        public_path,
-    })
-}
-
-fn with_suffix(name: &Path, ext: &str) -> PathBuf {
-    let mut s = name.as_os_str().to_owned();
-    s.push(".");
-    s.push(ext);
-    PathBuf::from(s)
 }
 
 /// The signature state shown by `bundle info`.
@@ -178,68 +268,6 @@ impl InfoReport {
     }
 }
 
-/// What `bundle verify` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct VerifyReport {
-    /// The bundle file.
-    pub path: PathBuf,
-    /// Key the signature verified under.
-    pub key_id: KeyId,
-    /// Image version.
-    pub image_version: String,
-    /// Compatible string.
-    pub compatible: String,
-    /// Verified image size.
-    pub image_size: u64,
-    /// Hex of the verified whole-image SHA-256.
-    pub image_sha256: String,
-    /// Number of chunks verified.
-    pub chunks: u32,
-    /// Bundle length.
-    pub bundle_len: u64,
-    /// Wall time of the check, in seconds.
-    pub seconds: f64,
-}
-
-/// Fully verifies a bundle: signature, every chunk (decompressed with
-/// bounds, hashed), the whole-image hash and the absence of trailing data.
-/// `threads` decode workers (0 = one per core); `progress(done, total)` in
-/// uncompressed bytes.
-pub fn verify(
-    bundle: &Path,
-    keyring: &Keyring,
-    threads: usize,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<VerifyReport, BundleError> {
-    let start = Instant::now();
-    let file = File::open(bundle)
-        .map_err(|e| BundleError::io(format!("opening bundle {}", bundle.display()), e))?;
-    let mut reader = BundleReader::new(BufReader::with_capacity(1 << 20, file), keyring)?;
-    let threads = if threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        threads
-    };
-    let total = reader.header().image_size;
-    progress(0, total);
-    reader.read_parallel(threads, &mut |chunk| {
-        progress(chunk.image_offset + chunk.data.len() as u64, total);
-        Ok(())
-    })?;
-    let h = reader.header();
-    Ok(VerifyReport {
-        path: bundle.to_path_buf(),
-        key_id: reader.matched_key(),
-        image_version: h.image_version.clone(),
-        compatible: h.compatible.clone(),
-        image_size: h.image_size,
-        image_sha256: hex::encode(h.image_sha256),
-        chunks: h.chunk_count(),
-        bundle_len: h.bundle_len(),
-        seconds: start.elapsed().as_secs_f64(),
-    })
-}
-
 /// Parses a size such as `4M`, `4MiB`, `65536`, `64k` (binary multiples:
 /// k/K = 1024; K, M, G, T). For `--chunk-size`, `--slot-size`, `--disk-size`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -274,19 +302,5 @@ mod tests {
         assert!(parse_size("4X").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999G").is_err());
-    }
-
-    #[test]
-    fn keygen_writes_both_files_and_refuses_overwrite() {
-        let dir = tempfile::tempdir().unwrap();
-        let name = dir.path().join("release");
-        let report = keygen(&name).unwrap();
-        let key = keys::read_secret_key(&report.secret_path).unwrap();
-        let ring = Keyring::load(&report.public_path).unwrap();
-        assert!(ring.get(&KeyId::of(&key.verifying_key())).is_some());
-        assert!(matches!(
-            keygen(&name),
-            Err(BundleError::Key(KeyError::Exists { .. }))
-        ));
     }
 }
