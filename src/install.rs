@@ -23,16 +23,15 @@
 //! ([`crate::adaptive`]); the checks of steps 5-6 are the same.
 
 use std::cmp::Ordering;
-use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::adaptive::{self, ChunkSource, Plan, PlanSummary};
+use crate::adaptive::{self, ChunkSource, Plan};
 use crate::attrs::SlotAttributes;
 use crate::bundle::{BundleError, BundleReader, BundleSource, Keyring};
 use crate::footer::{self, SlotRecord, RECORD_BYTES};
@@ -40,7 +39,6 @@ use crate::running;
 use crate::select;
 use crate::slotio::{ReadOnlyView, SlotBacking, SlotIo, SlotIoError, SlotTarget};
 use crate::slots::{AbDisk, SlotError};
-use crate::sys::AlignedBuf;
 
 /// Default path of the reboot-required sentinel (watched by kured and similar).
 pub const DEFAULT_SENTINEL: &str = "/run/reboot-required";
@@ -192,151 +190,16 @@ impl Default for InstallOptions {
     }
 }
 
-/// Progress events, in order.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "event", rename_all = "kebab-case")]
-pub enum InstallEvent {
-    /// The signature verified.
-    Verified {
-        /// Image version.
-        version: String,
-        /// Compatible string.
-        compatible: String,
-        /// Image size.
-        image_size: u64,
-        /// Key id that verified.
-        key_id: String,
-    },
-    /// Running and target slots chosen.
-    Plan {
-        /// Running slot.
-        running: String,
-        /// How the running slot was found.
-        running_source: String,
-        /// Target slot.
-        target: String,
-    },
-    /// An adaptive install's plan: what comes from the running slot.
-    AdaptivePlan {
-        /// Running slot indexed.
-        running: String,
-        /// Running-slot bytes hashed.
-        bytes_hashed: u64,
-        /// Seconds the hashing took.
-        index_seconds: f64,
-        /// What the plan takes from where.
-        #[serde(flatten)]
-        summary: PlanSummary,
-    },
-    /// Target made unbootable and opened for writing.
-    TargetInvalidated {
-        /// Target slot.
-        target: String,
-        /// Path written.
-        path: String,
-        /// Whether O_DIRECT is used.
-        direct_io: bool,
-    },
-    /// Bytes written so far.
-    Written {
-        /// Bytes written.
-        bytes: u64,
-        /// Total.
-        total: u64,
-    },
-    /// Bytes read back and hashed so far.
-    ReadBack {
-        /// Bytes verified.
-        bytes: u64,
-        /// Total.
-        total: u64,
-    },
-    /// The slot matched the signed hash.
-    ReadbackVerified {
-        /// SHA-256.
-        sha256: String,
-    },
-    /// The slot was flipped.
-    Activated {
-        /// Slot.
-        slot: String,
-        /// New attributes.
-        attributes: String,
-    },
-}
+mod local;
+mod report;
+mod stream;
+mod version;
 
-/// Summary of a finished install.
-#[derive(Debug, Clone, Serialize)]
-pub struct InstallReport {
-    /// Running slot.
-    pub running: String,
-    /// Target slot.
-    pub target: String,
-    /// Installed version.
-    pub version: String,
-    /// Image size.
-    pub image_size: u64,
-    /// Image SHA-256.
-    pub sha256: String,
-    /// Seconds spent writing (decompress + verify + write).
-    pub write_seconds: f64,
-    /// Seconds spent on flush + read-back verification.
-    pub verify_seconds: f64,
-    /// Total seconds.
-    pub total_seconds: f64,
-    /// Whether O_DIRECT was used.
-    pub direct_io: bool,
-    /// Target attributes after the flip.
-    pub attributes: String,
-    /// Sentinel written, if any.
-    pub sentinel: Option<String>,
-    /// What an adaptive install took from the running slot (`None`: not adaptive).
-    pub adaptive: Option<AdaptiveOutcome>,
-    /// Only checked, nothing written ([`InstallOptions::dry_run`]).
-    pub dry_run: bool,
-}
+use stream::{stream_adaptive, stream_into_slot, verify_regions, ChunkWriter};
 
-/// What an adaptive install did.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct AdaptiveOutcome {
-    /// The plan, as made from the running slot's hashes.
-    #[serde(flatten)]
-    pub planned: PlanSummary,
-    /// Planned copies whose bytes no longer matched when read (or could not be read), and
-    /// were taken from the bundle instead.
-    pub fallbacks: u32,
-}
-
-/// Compares version strings the way package managers broadly do: split into runs of digits
-/// and non-digits; digit runs compare numerically, others as text.
-pub fn compare_versions(a: &str, b: &str) -> Ordering {
-    fn parts(s: &str) -> Vec<(bool, &str)> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        let bytes = s.as_bytes();
-        for i in 1..=bytes.len() {
-            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
-                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
-                start = i;
-            }
-        }
-        out
-    }
-    let (pa, pb) = (parts(a), parts(b));
-    for (x, y) in pa.iter().zip(pb.iter()) {
-        let ord = match (x, y) {
-            ((true, x), (true, y)) => {
-                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
-                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
-            }
-            ((_, x), (_, y)) => x.cmp(y),
-        };
-        if ord != Ordering::Equal {
-            return ord;
-        }
-    }
-    pa.len().cmp(&pb.len())
-}
+pub use local::{open_bundle_source, write_sentinel};
+pub use report::{AdaptiveOutcome, InstallEvent, InstallReport};
+pub use version::compare_versions;
 
 /// Runs an install of `bundle` onto `disk`. `cancel` is polled between chunks (set it from a
 /// signal handler); `events` receives progress.
@@ -634,29 +497,28 @@ pub fn write_slot<D: SlotBacking, R: BundleSource>(
     let (stream_result, readback, stream_end) = std::thread::scope(|scope| {
         let verifier =
             scope.spawn(|| verify_regions(out, &slot_name, region_rx, cancel, &verified_bytes));
-        let mut writer = ChunkWriter {
-            out,
-            slot: &slot.name,
-            total,
-            write_buf: SlotTarget::buffer(header.chunk_size as usize),
-            flushed: 0,
-            regions: region_tx,
-            last_event: Instant::now(),
-            cancel,
-            progress: &mut |written| {
-                events(InstallEvent::Written {
-                    bytes: written,
+        let mut progress = |written| {
+            events(InstallEvent::Written {
+                bytes: written,
+                total,
+            });
+            let checked = verified_bytes.load(AtomicOrdering::Relaxed);
+            if checked > 0 {
+                events(InstallEvent::ReadBack {
+                    bytes: checked,
                     total,
                 });
-                let checked = verified_bytes.load(AtomicOrdering::Relaxed);
-                if checked > 0 {
-                    events(InstallEvent::ReadBack {
-                        bytes: checked,
-                        total,
-                    });
-                }
-            },
+            }
         };
+        let mut writer = ChunkWriter::new(
+            out,
+            &slot.name,
+            total,
+            header.chunk_size as usize,
+            region_tx,
+            cancel,
+            &mut progress,
+        );
         let result = match &adaptive {
             Some(indexed) => {
                 stream_adaptive(&mut writer, reader, &header, &indexed.plan, &*indexed.view)
@@ -816,261 +678,4 @@ pub fn seed_slot<D: SlotBacking, R: BundleSource>(
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
     disk.write_slot_attributes(&slots, &select::mark_good(&attrs, target))?;
     Ok(written)
-}
-
-/// Bytes written between two flushes, each flushed region then being read back.
-const FLUSH_EVERY: u64 = 64 << 20;
-/// Read-back piece size.
-const READBACK_PIECE: usize = 2 << 20;
-
-/// Writes verified chunks into the slot with aligned writes; after every [`FLUSH_EVERY`]
-/// bytes and at the end, flushes and hands the flushed region to the verifier.
-struct ChunkWriter<'a> {
-    out: &'a dyn SlotIo,
-    slot: &'a str,
-    total: u64,
-    write_buf: AlignedBuf,
-    flushed: u64,
-    regions: mpsc::Sender<(u64, u64)>,
-    last_event: Instant,
-    cancel: &'a AtomicBool,
-    progress: &'a mut dyn FnMut(u64),
-}
-
-impl ChunkWriter<'_> {
-    /// Writes one verified chunk at its image offset (chunks come in image order).
-    fn put(&mut self, image_offset: u64, data: &[u8]) -> Result<(), InstallError> {
-        if self.cancel.load(AtomicOrdering::Relaxed) {
-            return Err(InstallError::Interrupted {
-                slot: self.slot.to_string(),
-            });
-        }
-        // Direct I/O needs an aligned buffer and whole blocks: copy the verified chunk in and
-        // zero-pad the tail (which stays below the slot record).
-        let padded = data.len().next_multiple_of(crate::slotio::DIRECT_ALIGN);
-        self.write_buf[..data.len()].copy_from_slice(data);
-        self.write_buf[data.len()..padded].fill(0);
-        self.out
-            .write_at(self.slot, &self.write_buf[..padded], image_offset)?;
-        let done = image_offset + data.len() as u64;
-        if done - self.flushed >= FLUSH_EVERY || done == self.total {
-            self.out.sync(self.slot)?;
-            // A closed channel means the verifier stopped on an error it will report.
-            let _ = self.regions.send((self.flushed, done - self.flushed));
-            self.flushed = done;
-        }
-        if self.last_event.elapsed().as_millis() >= 200 || done == self.total {
-            self.last_event = Instant::now();
-            (self.progress)(done);
-        }
-        Ok(())
-    }
-}
-
-/// Streams every chunk of the bundle into the slot, decoded on `workers` threads.
-fn stream_into_slot<R: Read + Send>(
-    writer: &mut ChunkWriter<'_>,
-    reader: &mut BundleReader<R>,
-    workers: usize,
-) -> Result<(), InstallError> {
-    let mut sink_error: Option<InstallError> = None;
-    let result = reader.read_parallel(workers, &mut |chunk| {
-        writer.put(chunk.image_offset, chunk.data).map_err(|e| {
-            let io = io::Error::other(e.to_string());
-            sink_error = Some(e);
-            io
-        })
-    });
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) => Err(sink_error.take().unwrap_or(InstallError::Bundle(e))),
-    }
-}
-
-/// Writes the image following `plan`: chunks found in the running slot are read from
-/// `running`, checked against their signed hash and written, while their frames are skipped
-/// in the bundle (runs of them in one skip); the others are read from the bundle and decoded
-/// as usual. A planned copy whose bytes no longer match is taken from the bundle instead.
-/// Returns the number of such fallbacks.
-fn stream_adaptive<R: BundleSource>(
-    writer: &mut ChunkWriter<'_>,
-    reader: &mut BundleReader<R>,
-    header: &crate::bundle::BundleHeader,
-    plan: &Plan,
-    running: &dyn ReadOnlyView,
-) -> Result<u32, InstallError> {
-    let mut local = vec![0u8; header.chunk_size as usize];
-    let mut pending_skip = 0u32;
-    let mut fallbacks = 0u32;
-    let gap = reader.source().read_through_gap();
-    for (i, source) in plan.sources.iter().enumerate() {
-        let index = i as u32;
-        let len = header.chunk_len(index) as usize;
-        let copied = match *source {
-            ChunkSource::Running { offset } => {
-                let bytes = &mut local[..len];
-                let read = running.read_at(bytes, offset).is_ok();
-                let ok =
-                    read && <[u8; 32]>::from(Sha256::digest(&*bytes)) == header.chunks[i].sha256;
-                if !ok {
-                    fallbacks += 1;
-                }
-                ok
-            }
-            ChunkSource::Bundle => false,
-        };
-        if copied {
-            writer.put(header.chunk_image_offset(index), &local[..len])?;
-            pending_skip += 1;
-            continue;
-        }
-        if pending_skip > 0 {
-            let next_read = bytes_to_read_from(header, plan, i, gap);
-            reader.skip_chunks(pending_skip, Some(next_read))?;
-            pending_skip = 0;
-        }
-        let chunk = reader.next_chunk()?.ok_or_else(|| {
-            InstallError::Bundle(BundleError::Internal(format!(
-                "the bundle reader ended before chunk {index}"
-            )))
-        })?;
-        writer.put(chunk.image_offset, chunk.data)?;
-    }
-    // Skipping the last run also runs the end-of-bundle checks (nothing trails the payload).
-    reader.skip_chunks(pending_skip, None)?;
-    Ok(fallbacks)
-}
-
-/// Reads back each flushed region in order and returns the SHA-256 of everything read.
-fn verify_regions(
-    out: &dyn SlotIo,
-    slot: &str,
-    regions: mpsc::Receiver<(u64, u64)>,
-    cancel: &AtomicBool,
-    verified: &AtomicU64,
-) -> Result<[u8; 32], InstallError> {
-    let mut hasher = Sha256::new();
-    let mut buf = SlotTarget::buffer(READBACK_PIECE);
-    let mut expected_offset = 0u64;
-    for (offset, len) in regions {
-        debug_assert_eq!(offset, expected_offset);
-        let mut at = offset;
-        while at < offset + len {
-            if cancel.load(AtomicOrdering::Relaxed) {
-                return Err(InstallError::Interrupted {
-                    slot: slot.to_string(),
-                });
-            }
-            let want = ((offset + len - at) as usize).min(READBACK_PIECE);
-            let aligned = want.next_multiple_of(crate::slotio::DIRECT_ALIGN);
-            out.read_at(slot, &mut buf[..aligned], at)?;
-            hasher.update(&buf[..want]);
-            at += want as u64;
-            verified.store(at, AtomicOrdering::Relaxed);
-        }
-        expected_offset = offset + len;
-    }
-    Ok(hasher.finalize().into())
-}
-
-/// Writes the reboot-required sentinel atomically (temp file + rename).
-pub fn write_sentinel(path: &Path, slot: &str, version: &str) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    // The temporary name is fresh (pid and a random tag) and created with O_EXCL|O_NOFOLLOW, so
-    // a symlink or file planted at a predictable name is never followed or clobbered: the open
-    // fails instead. The rename then replaces only the sentinel path itself (a symlink there is
-    // replaced, not followed).
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(
-        ".abupdate-tmp.{}.{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let tmp = path.with_file_name(name);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o644)
-        .open(&tmp)?;
-    let written = file
-        .write_all(
-            format!("abupdate: {version} installed in {slot}; reboot to boot it\n").as_bytes(),
-        )
-        .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
-}
-
-/// Opens a bundle source: `-` for stdin, an `http://` or `https://` URL (streamed with resume
-/// and the default [`crate::http::FetchOptions`]; see [`crate::http`]), a block device (read up
-/// to the bundle's own declared length, so a bundle on a raw disk may be followed by padding),
-/// or a file.
-pub fn open_bundle_source(path: &Path) -> Result<Box<dyn BundleSource>, BundleError> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Some(url) = path.to_str().filter(|s| crate::http::is_url(s)) {
-        let fetch_err = |e| BundleError::Io {
-            context: format!("fetching bundle {url}"),
-            source: io::Error::other(e),
-        };
-        let fetcher = crate::http::Fetcher::new(Default::default()).map_err(fetch_err)?;
-        let source = fetcher
-            .open(url, 0, Default::default())
-            .map_err(fetch_err)?;
-        return Ok(Box::new(io::BufReader::with_capacity(
-            crate::http::STREAM_BUFFER,
-            source,
-        )));
-    }
-    if path == Path::new("-") {
-        return Ok(Box::new(io::BufReader::with_capacity(1 << 20, io::stdin())));
-    }
-    let io_err = |e| BundleError::Io {
-        context: format!("opening bundle {}", path.display()),
-        source: e,
-    };
-    let file = std::fs::File::open(path).map_err(io_err)?;
-    let is_block = file
-        .metadata()
-        .map_err(io_err)?
-        .file_type()
-        .is_block_device();
-    if is_block {
-        let header = crate::bundle::read_unverified_header(&mut io::BufReader::new(&file))?;
-        let len = header.bundle_len();
-        let file = std::fs::File::open(path).map_err(io_err)?;
-        return Ok(Box::new(io::BufReader::with_capacity(
-            1 << 20,
-            file.take(len),
-        )));
-    }
-    Ok(Box::new(io::BufReader::with_capacity(1 << 20, file)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn version_ordering() {
-        use Ordering::*;
-        for (a, b, o) in [
-            ("1.0", "1.0", Equal),
-            ("1.10", "1.9", Greater),
-            ("2", "10", Less),
-            ("v2", "v3", Less),
-            ("1.0.1", "1.0", Greater),
-            ("2025.06.1", "2025.06.01", Equal),
-            ("1.0-rc1", "1.0-rc2", Less),
-        ] {
-            assert_eq!(compare_versions(a, b), o, "{a} vs {b}");
-        }
-    }
 }
