@@ -1,8 +1,8 @@
 //! abupdate: A/B root partition updates for GPT disks.
 //!
 //! The crate is split by concern:
-//! - [`attrs`]: the ChromeOS/cgpt slot attribute bits (pure).
-//! - [`select`]: the boot selection state machine, matching vboot's cgptlib (pure).
+//! - [`attrs`], [`select`]: re-exported from the `no_std` decision core, `abupdate_core`
+//!   (the cgpt attribute bits; the boot selection state machine, matching vboot's cgptlib).
 //! - [`blockdev`]: the block device abstraction (files, block devices, in-memory, recording).
 //! - [`disklock`]: every file naming a disk's storage, for the disk lock.
 //! - [`gpt`]: reading both GPT copies and the crash-safe in-place attribute writer.
@@ -24,7 +24,7 @@
 //! - [`config`]: the `/etc/abupdate.toml` configuration file.
 
 pub mod adaptive;
-pub mod attrs;
+pub use abupdate_core::attrs;
 pub mod blockdev;
 pub mod boot;
 pub mod bundle;
@@ -40,7 +40,7 @@ pub mod init;
 pub mod install;
 pub mod layout;
 pub mod running;
-pub mod select;
+pub use abupdate_core::select;
 pub mod slotio;
 pub mod slots;
 pub mod sys;
