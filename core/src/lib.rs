@@ -8,6 +8,7 @@
 //!
 //! - [`attrs`]: the ChromeOS/cgpt slot attribute bits.
 //! - [`select`]: the boot selection state machine, matching vboot's cgptlib.
+//! - [`slot_record`]: the per-slot record of what is installed (encoding, decoding).
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -17,3 +18,4 @@ extern crate alloc;
 
 pub mod attrs;
 pub mod select;
+pub mod slot_record;
