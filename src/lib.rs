@@ -5,8 +5,10 @@
 //!   (the cgpt attribute bits; the boot selection state machine, matching vboot's cgptlib).
 //! - [`blockdev`]: the block device abstraction (files, block devices, in-memory, recording).
 //! - [`disklock`]: every file naming a disk's storage, for the disk lock.
-//! - [`gpt`]: reading both GPT copies and the crash-safe in-place attribute writer.
-//! - [`layout`]: the one validated view of a disk's partition table and slot labels (pure).
+//! - [`gpt`]: reading both GPT copies and executing the crash-safe attribute writes (the
+//!   structures, validation and write plan are `abupdate_core::gpt`, re-exported there).
+//! - [`layout`]: the one validated view of a disk's partition table and slot labels
+//!   (re-exported from `abupdate_core`).
 //! - [`slots`]: finding the A/B slots on a disk and reporting their state.
 //! - [`init`]: creating a fresh file-backed A/B disk.
 //! - [`footer`]: the per-slot record of what is installed (version, image hash).
@@ -38,7 +40,7 @@ pub mod gpt;
 pub mod http;
 pub mod init;
 pub mod install;
-pub mod layout;
+pub use abupdate_core::layout;
 pub mod running;
 pub use abupdate_core::select;
 pub mod slotio;

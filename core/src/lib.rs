@@ -8,6 +8,9 @@
 //!
 //! - [`attrs`]: the ChromeOS/cgpt slot attribute bits.
 //! - [`select`]: the boot selection state machine, matching vboot's cgptlib.
+//! - [`gpt`]: GPT header/entry parsing, per-copy validation with CRC checks, and the plan of
+//!   a crash-safe attribute write (which sectors, in which order, where to flush).
+//! - [`layout`]: the one validated view of a partition table and its two slot labels.
 //! - [`slot_record`]: the per-slot record of what is installed (encoding, decoding).
 
 #![no_std]
@@ -17,5 +20,7 @@
 extern crate alloc;
 
 pub mod attrs;
+pub mod gpt;
+pub mod layout;
 pub mod select;
 pub mod slot_record;
