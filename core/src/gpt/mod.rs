@@ -19,8 +19,10 @@ use core::fmt;
 use uuid::Uuid;
 
 mod table;
+#[cfg(test)]
+mod tests;
 
-pub use table::{backup_header_lba, Table, WritePlan, WriteStep};
+pub use table::{Table, WritePlan, WriteStep};
 
 /// "EFI PART", the header signature.
 pub const SIGNATURE: &[u8; 8] = b"EFI PART";

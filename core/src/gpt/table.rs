@@ -2,15 +2,15 @@
 //! which sectors an attribute change or repair writes, in which order, and where to flush.
 
 use alloc::format;
-use alloc::string::ToString;
+use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 
 use uuid::Uuid;
 
 use super::{
-    decode_entry, Copy, CopyHealth, CopyProblem, Entry, Header, NoValidCopy, PlanError, Which,
-    ATTR_OFFSET,
+    check_entries, check_header, decode_entry, Copy, CopyHealth, CopyProblem, Entry, Header,
+    NoValidCopy, PlanError, Which, ATTR_OFFSET,
 };
 use crate::layout::{Geometry, Reserved};
 
@@ -23,16 +23,25 @@ pub struct Table {
     backup: Result<Copy, CopyProblem>,
 }
 
-/// Where to look for the backup header of a disk of `disk_sectors` sectors: where a valid
-/// `primary` says, else the last LBA. When the copy there is not valid, a caller that looked
-/// elsewhere than the last LBA looks there too.
-pub fn backup_header_lba(primary: &Result<Copy, CopyProblem>, disk_sectors: u64) -> u64 {
-    match primary {
-        Ok(p) if p.header.alternate_lba() > 1 && p.header.alternate_lba() < disk_sectors => {
-            p.header.alternate_lba()
-        }
-        _ => disk_sectors - 1,
-    }
+/// Reads and validates the copy whose header is at `lba`, through `read`.
+fn read_copy<F>(
+    read: &mut F,
+    sector_size: u32,
+    lba: u64,
+    disk_sectors: u64,
+) -> Result<Copy, CopyProblem>
+where
+    F: FnMut(u64, &mut [u8]) -> Result<(), String>,
+{
+    let mut sectors = |lba: u64, bytes: u64| {
+        let mut buf = vec![0u8; bytes as usize];
+        read(lba, &mut buf).map_err(|error| CopyProblem::Unreadable { lba, error })?;
+        Ok(buf)
+    };
+    let header = check_header(lba, &sectors(lba, u64::from(sector_size))?, disk_sectors)?;
+    let array_bytes = header.entry_array_sectors(sector_size) * u64::from(sector_size);
+    let entries = sectors(header.entries_lba(), array_bytes)?;
+    check_entries(header, entries)
 }
 
 /// One step of a [`WritePlan`], executed in order.
@@ -87,6 +96,29 @@ impl WritePlan {
 }
 
 impl Table {
+    /// Reads both copies of a disk of `disk_sectors` (at least [`MIN_DISK_SECTORS`](super::MIN_DISK_SECTORS)) sectors of
+    /// `sector_size` bytes through `read(lba, buf)`, which fills `buf` from LBA `lba` or says
+    /// why it cannot. The primary header is at LBA 1; the backup is looked for where a valid
+    /// primary says, and at the last LBA otherwise. Fails only when neither copy is valid.
+    pub fn read<F>(sector_size: u32, disk_sectors: u64, mut read: F) -> Result<Self, NoValidCopy>
+    where
+        F: FnMut(u64, &mut [u8]) -> Result<(), String>,
+    {
+        let last_lba = disk_sectors.saturating_sub(1);
+        let primary = read_copy(&mut read, sector_size, 1, disk_sectors);
+        let backup_lba = match &primary {
+            Ok(p) if p.header.alternate_lba() > 1 && p.header.alternate_lba() < disk_sectors => {
+                p.header.alternate_lba()
+            }
+            _ => last_lba,
+        };
+        let mut backup = read_copy(&mut read, sector_size, backup_lba, disk_sectors);
+        if backup.is_err() && backup_lba != last_lba {
+            backup = read_copy(&mut read, sector_size, last_lba, disk_sectors);
+        }
+        Self::new(sector_size, disk_sectors, primary, backup)
+    }
+
     /// The table of a disk of `disk_sectors` sectors of `sector_size` bytes, from what was read
     /// of both copies. Fails only when neither is valid.
     pub fn new(
