@@ -97,3 +97,26 @@ pub fn verify_slot<D: crate::blockdev::BlockDevice>(
     }
     Ok(record)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `status --json` shows the record with the hash as lowercase hex (serialized by the core).
+    #[test]
+    fn record_json_has_hex_hash() {
+        let mut image_sha256 = [0u8; 32];
+        image_sha256[0] = 0xab;
+        image_sha256[31] = 0x0f;
+        let rec = SlotRecord {
+            image_size: 7,
+            image_sha256,
+            version: "1.2".into(),
+            compatible: "x".into(),
+        };
+        let json = serde_json::to_value(&rec).unwrap();
+        assert_eq!(json["image_sha256"], hex::encode(image_sha256));
+        assert_eq!(json["image_size"], 7);
+        assert_eq!(json["version"], "1.2");
+    }
+}
