@@ -1,121 +1,10 @@
-//! The slot record: what is installed in a slot, kept in the slot partition's last 4 KiB.
+//! Reading a slot's record and checking the slot's content against it.
 //!
-//! Why there and not in the GPT partition name: the name is how slots are found (and what
-//! cgpt, sgdisk and udev show as the label), so it must stay stable; and a GPT write is the
-//! boot-critical operation we keep as small as possible. The record is written only after the
-//! image was verified against the signed hash, while the slot is still unbootable, so a torn
-//! record is never trusted: it carries its own CRC32 and a torn one reads as "no record".
-//!
-//! Layout (little endian), at byte `slot_size - 4096` of the partition:
-//!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 8 | magic `ABUPSLOT` |
-//! | 8 | 4 | record format version (1) |
-//! | 12 | 8 | image size in bytes |
-//! | 20 | 32 | SHA-256 of the image |
-//! | 52 | 2 | length V of the version string (<= 255) |
-//! | 54 | V | version string (UTF-8) |
-//! | 54+V | 2 | length C of the compatible string (<= 255) |
-//! | 56+V | C | compatible string (UTF-8) |
-//! | 56+V+C | 4 | CRC32 of bytes 0..56+V+C |
+//! The record itself (layout, encoding, decoding) lives in the `no_std` core,
+//! [`abupdate_core::slot_record`], so the boot loader reads it the same way; this module does
+//! the I/O: reading the record block at the end of a slot and hashing the slot's content.
 
-use serde::Serialize;
-
-/// Bytes reserved at the end of each slot for the record.
-pub const RECORD_BYTES: u64 = 4096;
-const MAGIC: &[u8; 8] = b"ABUPSLOT";
-const FORMAT: u32 = 1;
-/// Longest version or compatible string.
-pub const MAX_STRING: usize = 255;
-
-/// What is installed in a slot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SlotRecord {
-    /// Image size in bytes.
-    pub image_size: u64,
-    /// SHA-256 of the image, as verified at install.
-    #[serde(serialize_with = "crate::footer::hex_bytes")]
-    pub image_sha256: [u8; 32],
-    /// Image version from the bundle.
-    pub version: String,
-    /// Compatible string from the bundle.
-    pub compatible: String,
-}
-
-/// Serializes bytes as lowercase hex.
-pub fn hex_bytes<S: serde::Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&hex::encode(bytes))
-}
-
-impl SlotRecord {
-    /// Encodes into a 4096-byte block. Strings longer than 255 bytes are truncated at a char
-    /// boundary (the bundle format limits them anyway).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(RECORD_BYTES as usize);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT.to_le_bytes());
-        out.extend_from_slice(&self.image_size.to_le_bytes());
-        out.extend_from_slice(&self.image_sha256);
-        for s in [&self.version, &self.compatible] {
-            let s = truncate(s);
-            out.extend_from_slice(&(s.len() as u16).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.resize(RECORD_BYTES as usize, 0);
-        out
-    }
-
-    /// Decodes a block; `None` for anything but an intact record (blank, torn, foreign).
-    pub fn decode(block: &[u8]) -> Option<Self> {
-        let mut r = Reader { buf: block, at: 0 };
-        if r.take(8)? != MAGIC || u32::from_le_bytes(r.take(4)?.try_into().ok()?) != FORMAT {
-            return None;
-        }
-        let image_size = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
-        let image_sha256: [u8; 32] = r.take(32)?.try_into().ok()?;
-        let version = r.string()?;
-        let compatible = r.string()?;
-        let end = r.at;
-        let crc = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
-        (crc32fast::hash(&block[..end]) == crc).then_some(Self {
-            image_size,
-            image_sha256,
-            version,
-            compatible,
-        })
-    }
-}
-
-fn truncate(s: &str) -> &str {
-    let mut end = s.len().min(MAX_STRING);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let out = self.buf.get(self.at..self.at.checked_add(n)?)?;
-        self.at += n;
-        Some(out)
-    }
-    fn string(&mut self) -> Option<String> {
-        let len = u16::from_le_bytes(self.take(2)?.try_into().ok()?) as usize;
-        if len > MAX_STRING {
-            return None;
-        }
-        String::from_utf8(self.take(len)?.to_vec()).ok()
-    }
-}
+pub use abupdate_core::slot_record::{max_image_size, SlotRecord, MAX_STRING, RECORD_BYTES};
 
 /// Reads the record of `slot`; `None` when absent, torn or unreadable.
 pub fn read_record<D: crate::blockdev::BlockDevice>(
@@ -209,32 +98,25 @@ pub fn verify_slot<D: crate::blockdev::BlockDevice>(
     Ok(record)
 }
 
-/// Largest image that fits a slot of `slot_bytes` (the record takes the last 4 KiB).
-pub fn max_image_size(slot_bytes: u64) -> u64 {
-    slot_bytes.saturating_sub(RECORD_BYTES)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// `status --json` shows the record with the hash as lowercase hex (serialized by the core).
     #[test]
-    fn round_trip_and_torn_records() {
+    fn record_json_has_hex_hash() {
+        let mut image_sha256 = [0u8; 32];
+        image_sha256[0] = 0xab;
+        image_sha256[31] = 0x0f;
         let rec = SlotRecord {
-            image_size: 12345,
-            image_sha256: [7; 32],
-            version: "2.0.1".into(),
-            compatible: "qemu-x86_64".into(),
+            image_size: 7,
+            image_sha256,
+            version: "1.2".into(),
+            compatible: "x".into(),
         };
-        let block = rec.encode();
-        assert_eq!(block.len(), 4096);
-        assert_eq!(SlotRecord::decode(&block), Some(rec));
-        assert_eq!(SlotRecord::decode(&[0u8; 4096]), None);
-        let used = 8 + 4 + 8 + 32 + 2 + 5 + 2 + 11 + 4;
-        for i in 0..used {
-            let mut torn = block.clone();
-            torn[i] ^= 0x10;
-            assert_eq!(SlotRecord::decode(&torn), None, "flip at {i} accepted");
-        }
+        let json = serde_json::to_value(&rec).unwrap();
+        assert_eq!(json["image_sha256"], hex::encode(image_sha256));
+        assert_eq!(json["image_size"], 7);
+        assert_eq!(json["version"], "1.2");
     }
 }

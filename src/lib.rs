@@ -1,12 +1,14 @@
 //! abupdate: A/B root partition updates for GPT disks.
 //!
 //! The crate is split by concern:
-//! - [`attrs`]: the ChromeOS/cgpt slot attribute bits (pure).
-//! - [`select`]: the boot selection state machine, matching vboot's cgptlib (pure).
+//! - [`attrs`], [`select`]: re-exported from the `no_std` decision core, `abupdate_core`
+//!   (the cgpt attribute bits; the boot selection state machine, matching vboot's cgptlib).
 //! - [`blockdev`]: the block device abstraction (files, block devices, in-memory, recording).
 //! - [`disklock`]: every file naming a disk's storage, for the disk lock.
-//! - [`gpt`]: reading both GPT copies and the crash-safe in-place attribute writer.
-//! - [`layout`]: the one validated view of a disk's partition table and slot labels (pure).
+//! - [`gpt`]: reading both GPT copies and executing the crash-safe attribute writes (the
+//!   structures, validation and write plan are `abupdate_core::gpt`, re-exported there).
+//! - [`layout`]: the one validated view of a disk's partition table and slot labels
+//!   (re-exported from `abupdate_core`).
 //! - [`slots`]: finding the A/B slots on a disk and reporting their state.
 //! - [`init`]: creating a fresh file-backed A/B disk.
 //! - [`footer`]: the per-slot record of what is installed (version, image hash).
@@ -27,7 +29,7 @@
 //! - [`cli`]: the `abupdate` command line (parsing, settings, output); `main.rs` only calls it.
 
 pub mod adaptive;
-pub mod attrs;
+pub use abupdate_core::attrs;
 pub mod blockdev;
 pub mod boot;
 pub mod bundle;
@@ -42,10 +44,10 @@ pub mod gpt;
 pub mod http;
 pub mod init;
 pub mod install;
-pub mod layout;
+pub use abupdate_core::layout;
 pub mod pipeline;
 pub mod running;
-pub mod select;
+pub use abupdate_core::select;
 pub mod slotio;
 pub mod slots;
 pub mod sys;

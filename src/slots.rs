@@ -11,8 +11,7 @@ use crate::gpt::{CopyHealth, Entry, Gpt, GptError};
 use crate::layout::{self, SlotEntries, SlotLabels};
 use crate::select;
 
-/// Default slot labels, in the order abupdate calls them A and B.
-pub const DEFAULT_LABELS: [&str; 2] = ["ROOT-A", "ROOT-B"];
+pub use crate::layout::DEFAULT_LABELS;
 
 /// A disk named by its path: what every command that opens one needs.
 #[derive(Debug, Clone)]

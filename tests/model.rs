@@ -112,7 +112,7 @@ fn read_gpt(disk: &[u8]) -> Option<Vec<Part>> {
 }
 
 /// Whether the slot's last 4 KiB hold a valid record whose hash matches the image before it
-/// (format of src/footer.rs, parsed here independently).
+/// (format of core/src/slot_record.rs, parsed here independently).
 fn verified(disk: &[u8], p: &Part) -> bool {
     let (start, end) = p.range();
     let Some(slot) = disk.get(start..end) else {

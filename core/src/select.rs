@@ -14,6 +14,8 @@
 //! mark-bad, rollback); each is a function from attributes to attributes so it can be tested
 //! over every state.
 
+use alloc::vec::Vec;
+
 use crate::attrs::{SlotAttributes, FIELD_MAX};
 
 /// Tries given to a freshly installed slot unless the caller chooses another number.

@@ -2,7 +2,7 @@
 //! before any command may write.
 //!
 //! Why one place: every writing command (install, boot, commit, mark-good/bad, rollback,
-//! set-attributes, `disk init --seed`) finds its target through [`crate::slots::AbDisk`], and
+//! set-attributes, `disk init --seed`) finds its target through `abupdate::slots::AbDisk`, and
 //! an `AbDisk` can only be built from a table that passed [`validate`]. So a typo in
 //! `--labels`, a partition table that lies about where partitions are, or a data partition
 //! that happens to carry a slot label is refused once, here, with the partitions named, instead
@@ -20,11 +20,18 @@
 //!   GUID (a data partition is not a slot).
 //!
 //! The checks are pure functions of the decoded table so they can be tested exhaustively on
-//! synthetic tables and, later, move into the `no_std` core the boot loader shares.
+//! synthetic tables, and live in the `no_std` core the boot loader shares.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
 
 use uuid::Uuid;
 
 use crate::gpt::Entry;
+
+/// Default slot labels, in the order abupdate calls them A and B.
+pub const DEFAULT_LABELS: [&str; 2] = ["ROOT-A", "ROOT-B"];
 
 /// The two slot labels, A first: distinct and non-empty by construction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +86,7 @@ impl SlotLabels {
 
 impl Default for SlotLabels {
     fn default() -> Self {
-        Self(crate::slots::DEFAULT_LABELS.map(String::from))
+        Self(DEFAULT_LABELS.map(String::from))
     }
 }
 
@@ -120,8 +127,8 @@ pub struct Extent {
     pub last: u64,
 }
 
-impl std::fmt::Display for Extent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for Extent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "partition {} ({:?}, LBA {}..={})",
@@ -299,6 +306,7 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
 
     const ROOT: Uuid = Uuid::from_u128(0x4F68BCE3_E8CD_4DB1_96E7_FBCAF984B709);
     const DATA: Uuid = Uuid::from_u128(0x0FC63DAF_8483_4772_8E79_3D69D8477DE4);

@@ -6,7 +6,6 @@
 //! survive any slot operation.
 
 use bitflags::bitflags;
-use serde::Serialize;
 
 bitflags! {
     /// Named single-bit flags of the GPT attribute field that abupdate knows about.
@@ -43,7 +42,8 @@ const FIELD_MASK: u64 = 0xF;
 pub struct SlotAttributes(u64);
 
 /// The three cgpt fields of a slot, as plain numbers (for display and JSON).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SlotFields {
     /// Boot priority 0-15; 0 means never boot.
     pub priority: u8,
@@ -131,8 +131,8 @@ fn set_field(raw: u64, shift: u32, value: u8) -> u64 {
     (raw & !(FIELD_MASK << shift)) | (value << shift)
 }
 
-impl std::fmt::Display for SlotAttributes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for SlotAttributes {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
             "P{} T{} S{}",
