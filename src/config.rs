@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::http::{self, FetchOptions};
+use crate::fetch::http::{self, FetchOptions};
 
 /// Default path of the configuration file.
 pub const DEFAULT_PATH: &str = "/etc/abupdate.toml";

@@ -34,19 +34,19 @@ pub enum Exit {
 /// Classifies a library error; `None` for errors from elsewhere (the caller looks further
 /// down the error chain, then falls back to [`Exit::Failure`]).
 pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
-    use crate::blockdev::OpenError;
-    use crate::boot::BootError;
+    use crate::boot::hook::BootError;
+    use crate::boot::slot_ops::CommitError;
     use crate::bundle::{BundleError, KeyError};
-    use crate::channel::ChannelError;
-    use crate::commit::CommitError;
     use crate::config::ConfigError;
-    use crate::gpt::GptError;
-    use crate::http::HttpError;
+    use crate::disk::blockdev::OpenError;
+    use crate::disk::gpt::GptError;
+    use crate::disk::slots::SlotError;
+    use crate::fetch::channel::ChannelError;
+    use crate::fetch::http::HttpError;
+    use crate::install::slotio::SlotIoError;
     use crate::install::InstallError;
-    use crate::slotio::SlotIoError;
-    use crate::slots::SlotError;
     // Wrappers that only say which step failed: the error inside decides.
-    if let Some(e) = err.downcast_ref::<crate::update::UpdateError>() {
+    if let Some(e) = err.downcast_ref::<crate::fetch::update::UpdateError>() {
         let inner = e.inner();
         return if std::ptr::addr_eq(inner, err) {
             None
@@ -54,7 +54,7 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             classify_error(inner)
         };
     }
-    if let Some(e) = err.downcast_ref::<crate::slots::OpenDiskError>() {
+    if let Some(e) = err.downcast_ref::<crate::disk::slots::OpenDiskError>() {
         return classify_error(e.inner());
     }
     if let Some(e) = err.downcast_ref::<OpenError>() {
@@ -69,8 +69,8 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if err.is::<ConfigError>() || err.is::<crate::layout::LabelError>() {
         return Some(Exit::Usage);
     }
-    if let Some(e) = err.downcast_ref::<crate::init::InitError>() {
-        use crate::init::InitError;
+    if let Some(e) = err.downcast_ref::<crate::disk::init::InitError>() {
+        use crate::disk::init::InitError;
         return Some(match e {
             InitError::Invalid(_) | InitError::TooSmall { .. } => Exit::Usage,
             InitError::Exists { .. } | InitError::Io { .. } | InitError::Gpt { .. } => {
@@ -182,19 +182,21 @@ pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
     out.replace('\n', " ")
 }
 
-fn http_inside(err: &crate::bundle::BundleError) -> Option<&crate::http::HttpError> {
+fn http_inside(err: &crate::bundle::BundleError) -> Option<&crate::fetch::http::HttpError> {
     match err {
-        crate::bundle::BundleError::Io { source, .. } => crate::http::HttpError::from_io(source),
+        crate::bundle::BundleError::Io { source, .. } => {
+            crate::fetch::http::HttpError::from_io(source)
+        }
         _ => None,
     }
 }
 
-fn classify_http(err: &crate::http::HttpError) -> Exit {
+fn classify_http(err: &crate::fetch::http::HttpError) -> Exit {
     match err {
-        crate::http::HttpError::Cancelled => Exit::Interrupted,
-        crate::http::HttpError::RetriesExhausted { last, .. } => classify_http(last),
+        crate::fetch::http::HttpError::Cancelled => Exit::Interrupted,
+        crate::fetch::http::HttpError::RetriesExhausted { last, .. } => classify_http(last),
         // The bundle served is not the one the signed index names: refused, not "not fetched".
-        crate::http::HttpError::NotAsIndexed { .. } => Exit::BadBundle,
+        crate::fetch::http::HttpError::NotAsIndexed { .. } => Exit::BadBundle,
         _ => Exit::FetchFailed,
     }
 }

@@ -6,6 +6,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    abupdate::sys::default_sigpipe();
+    abupdate::disk::sys::default_sigpipe();
     abupdate::cli::main(abupdate::cli::Cli::parse())
 }

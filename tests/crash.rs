@@ -23,13 +23,13 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use abupdate::attrs::SlotAttributes;
-use abupdate::blockdev::{BlockDevice, MemDevice, RecordedOp, RecordingDevice};
 use abupdate::bundle::Keyring;
-use abupdate::footer::{self, SlotRecord};
-use abupdate::gpt::Gpt;
+use abupdate::disk::blockdev::{BlockDevice, MemDevice, RecordedOp, RecordingDevice};
+use abupdate::disk::gpt::Gpt;
+use abupdate::disk::record::{self, SlotRecord};
+use abupdate::disk::slots::AbDisk;
 use abupdate::install::{install, InstallOptions};
 use abupdate::select;
-use abupdate::slots::AbDisk;
 use common::*;
 use sha2::{Digest, Sha256};
 
@@ -74,7 +74,7 @@ fn slot_ranges(dev: &MemDevice) -> Vec<(usize, usize)> {
 }
 
 /// Installs `bundle` (compatible "crash", no sentinel) onto an in-process disk.
-fn install_bundle<D: abupdate::slotio::SlotBacking>(
+fn install_bundle<D: abupdate::install::slotio::SlotBacking>(
     disk: &mut AbDisk<D>,
     bundle: &Path,
     keyring: &Keyring,
@@ -297,7 +297,7 @@ fn cut_every_write_of_an_install(adaptive: bool) {
                 &image_bytes[..],
                 "{what}: ROOT-B boots with partial content"
             );
-            let record = SlotRecord::decode(&b[b.len() - footer::RECORD_BYTES as usize..]);
+            let record = SlotRecord::decode(&b[b.len() - record::RECORD_BYTES as usize..]);
             assert_eq!(
                 record.map(|r| r.version),
                 Some("2".to_string()),
@@ -443,15 +443,18 @@ impl BlockDevice for LyingDisk {
     }
 }
 
-impl abupdate::slotio::SlotBacking for LyingDisk {
+impl abupdate::install::slotio::SlotBacking for LyingDisk {
     fn open_slot(
         &mut self,
         _slot: &str,
         _partition: u32,
         offset: u64,
         len: u64,
-    ) -> Result<Box<dyn abupdate::slotio::SlotIo + '_>, abupdate::slotio::SlotIoError> {
-        Ok(Box::new(abupdate::slotio::DeviceSlot::new(
+    ) -> Result<
+        Box<dyn abupdate::install::slotio::SlotIo + '_>,
+        abupdate::install::slotio::SlotIoError,
+    > {
+        Ok(Box::new(abupdate::install::slotio::DeviceSlot::new(
             self, offset, len,
         )))
     }
@@ -462,7 +465,7 @@ impl abupdate::slotio::SlotBacking for LyingDisk {
         &mut self,
         offset: u64,
         len: u64,
-    ) -> std::io::Result<Box<dyn abupdate::slotio::ReadOnlyView>> {
+    ) -> std::io::Result<Box<dyn abupdate::install::slotio::ReadOnlyView>> {
         let view = self.inner.read_only_view(offset, len)?;
         if !self.shifting_view {
             return Ok(view);
@@ -519,7 +522,7 @@ struct ShiftingView {
     seen: std::sync::Mutex<(BTreeSet<u64>, bool)>,
 }
 
-impl abupdate::slotio::ReadOnlyView for ShiftingView {
+impl abupdate::install::slotio::ReadOnlyView for ShiftingView {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         buf.copy_from_slice(&self.bytes[offset as usize..offset as usize + buf.len()]);
         let mut seen = self.seen.lock().unwrap();

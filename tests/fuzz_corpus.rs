@@ -5,10 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use abupdate::blockdev::MemDevice;
 use abupdate::bundle::{read_unverified_header, BundleReader, Keyring};
-use abupdate::gpt::Gpt;
-use abupdate::slots::AbDisk;
+use abupdate::disk::blockdev::MemDevice;
+use abupdate::disk::gpt::Gpt;
+use abupdate::disk::slots::AbDisk;
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

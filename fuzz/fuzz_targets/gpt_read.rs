@@ -5,9 +5,9 @@
 //! written.
 #![no_main]
 
-use abupdate::blockdev::MemDevice;
-use abupdate::gpt::Gpt;
-use abupdate::slots::AbDisk;
+use abupdate::disk::blockdev::MemDevice;
+use abupdate::disk::gpt::Gpt;
+use abupdate::disk::slots::AbDisk;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

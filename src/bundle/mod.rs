@@ -21,6 +21,8 @@
 //!   [`BundleReader::read_parallel`] to decode on several threads).
 //! - [`verify()`]: fully verify a bundle file (`bundle verify`, the download cache).
 
+#![forbid(unsafe_code)]
+
 pub mod error;
 pub mod format;
 pub mod interruptible;

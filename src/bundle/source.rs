@@ -1,6 +1,6 @@
 //! Where bundle bytes come from, and how far ahead a source can jump.
 //!
-//! An adaptive install (see [`crate::adaptive`]) takes some chunks from the running slot
+//! An adaptive install (see [`crate::install::adaptive`]) takes some chunks from the running slot
 //! instead of the bundle. The frames of those chunks still sit in the stream; a
 //! [`BundleSource`] gets past them as cheaply as it can: a file seeks, a download starts a new
 //! `Range` request at the next needed frame (so the bytes are never transferred), and a pipe
@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Cursor, Read, Seek, Stdin, Take};
 
-use crate::http::HttpSource;
+use crate::fetch::http::HttpSource;
 
 /// A bundle byte stream that can move forward without delivering bytes.
 pub trait BundleSource: Read + Send {
@@ -78,7 +78,7 @@ impl BundleSource for BufReader<HttpSource> {
             .map_err(io::Error::other)
     }
     fn read_through_gap(&self) -> u64 {
-        crate::http::RECONNECT_GAP
+        crate::fetch::http::RECONNECT_GAP
     }
 }
 

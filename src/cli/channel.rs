@@ -58,12 +58,12 @@ pub fn run(cmd: ChannelCommand) -> Result<()> {
         expires_at,
     } = cmd;
     let secret = crate::bundle::keys::read_secret_key(&key)?;
-    let mut index = crate::channel::index_for_bundle(&bundle, bundle_url.as_deref())?;
+    let mut index = crate::fetch::channel::index_for_bundle(&bundle, bundle_url.as_deref())?;
     index.expires = match (expires_in, expires_at) {
-        (Some(d), _) => Some(crate::channel::unix_now().saturating_add(d.as_secs())),
+        (Some(d), _) => Some(crate::fetch::channel::unix_now().saturating_add(d.as_secs())),
         (None, at) => at,
     };
-    let text = crate::channel::sign_index(&index, &secret);
+    let text = crate::fetch::channel::sign_index(&index, &secret);
     let tmp = out.with_extension("abupdate-tmp");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
@@ -77,7 +77,7 @@ pub fn run(cmd: ChannelCommand) -> Result<()> {
             index.sha256,
             index.expires.map_or_else(
                 || "never expires".to_string(),
-                |t| format!("expires {}", crate::channel::rfc3339(t))
+                |t| format!("expires {}", crate::fetch::channel::rfc3339(t))
             ),
             crate::bundle::KeyId::of(&secret.verifying_key())
         );

@@ -6,10 +6,10 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use super::bundle::parse_size;
-use crate::init::{create_disk_image, InitSpec};
+use crate::disk::init::{create_disk_image, InitSpec};
+use crate::disk::slots::DiskSpec;
+use crate::disk::slots::DEFAULT_LABELS;
 use crate::layout::SlotLabels;
-use crate::slots::DiskSpec;
-use crate::slots::DEFAULT_LABELS;
 
 /// Disk preparation.
 #[derive(Subcommand, Debug)]
@@ -36,7 +36,7 @@ pub struct InitArgs {
     #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = DEFAULT_LABELS.map(String::from))]
     pub labels: Vec<String>,
     /// Partition type GUID of the slots (default: Linux root x86-64).
-    #[arg(long, default_value = crate::init::LINUX_ROOT_X86_64)]
+    #[arg(long, default_value = crate::disk::init::LINUX_ROOT_X86_64)]
     pub type_guid: String,
     /// Factory image: a bundle verified and written into ROOT-A (which stays the good slot).
     #[arg(long, requires = "keyring")]
@@ -96,7 +96,7 @@ fn init(args: InitArgs) -> Result<()> {
             let source = crate::install::open_bundle_source(&seed)?;
             let written = crate::install::seed_slot(&mut disk, 0, source, &ring, &mut |_| {})?;
             let slot_a = disk.slots()?.remove(0);
-            let record = crate::footer::read_record(&mut disk.dev, &slot_a, sector_size);
+            let record = crate::disk::record::read_record(&mut disk.dev, &slot_a, sector_size);
             println!(
                 "seeded {} with {} ({:.2} s, verified)",
                 spec.labels[0],

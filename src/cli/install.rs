@@ -11,10 +11,10 @@ use clap::Args;
 use super::output::{fetch_sink, print_installed, InstallDisplay};
 use super::settings::{self, DiskFlags, FetchFlags, RebootFlags, RebootSettings};
 use crate::config::{Loaded, RebootPolicy};
+use crate::disk::slots::DiskSpec;
 use crate::exit::Exit;
-use crate::http::{Expected, FetchOptions, Fetcher};
+use crate::fetch::http::{Expected, FetchOptions, Fetcher};
 use crate::install::InstallOptions;
-use crate::slots::DiskSpec;
 
 /// `install`.
 #[derive(Args, Debug)]
@@ -109,22 +109,27 @@ pub fn run(args: InstallArgs, cfg: &Loaded) -> Result<()> {
     let cancel = cancel_flag()?;
     let keyring = crate::bundle::Keyring::load(&s.keyring)?;
     let mut disk = s.disk.open_locked()?;
-    let url = s.bundle.to_str().filter(|u| crate::http::is_url(u));
+    let url = s.bundle.to_str().filter(|u| crate::fetch::http::is_url(u));
     let (source, fetcher) = match url {
         Some(url) => {
             let fetcher = Fetcher::new(s.fetch)?
                 .with_events(fetch_sink(json))
                 .with_cancel(Arc::clone(&cancel));
-            let source = crate::update::open_url(&fetcher, url, Expected::default(), &cancel)?;
+            let source =
+                crate::fetch::update::open_url(&fetcher, url, Expected::default(), &cancel)?;
             (source, Some(fetcher))
         }
         None => (crate::install::open_bundle_source(&s.bundle)?, None),
     };
     let mut display = InstallDisplay::new(json);
-    let result =
-        crate::update::install_from(&mut disk, source, &keyring, &s.options, &cancel, &mut |e| {
-            display.show(e)
-        });
+    let result = crate::fetch::update::install_from(
+        &mut disk,
+        source,
+        &keyring,
+        &s.options,
+        &cancel,
+        &mut |e| display.show(e),
+    );
     display.finish();
     let report = result?;
     print_installed(&report, fetcher.map(|f| f.stats()), json);

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use crate::commit::SlotChange;
-use crate::http::{EventSink, FetchEvent, FetchSummary};
+use crate::boot::slot_ops::SlotChange;
+use crate::fetch::http::{EventSink, FetchEvent, FetchSummary};
 use crate::install::{InstallEvent, InstallReport};
 
 /// Progress display: a bar on a terminal, plain lines otherwise, nothing with --json.

@@ -10,9 +10,9 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::config::{parse_duration, Loaded, RebootPolicy};
-use crate::http::FetchOptions;
+use crate::disk::slots::DiskSpec;
+use crate::fetch::http::FetchOptions;
 use crate::layout::SlotLabels;
-use crate::slots::DiskSpec;
 
 /// Default trusted key directory.
 pub const DEFAULT_KEYRING: &str = "/etc/abupdate/keys";

@@ -9,12 +9,13 @@ use clap::Args;
 
 use super::output::print_change;
 use super::settings::DiskFlags;
-use crate::blockdev::FileDevice;
-use crate::commit::{CommitError, CommitPolicy};
+use crate::boot::health::CommitPolicy;
+use crate::boot::slot_ops::CommitError;
 use crate::config::{parse_duration, Loaded};
-use crate::running::{self, Fallback};
-use crate::slots::AbDisk;
-use crate::slots::DiskSpec;
+use crate::disk::blockdev::FileDevice;
+use crate::disk::running::{self, Fallback};
+use crate::disk::slots::AbDisk;
+use crate::disk::slots::DiskSpec;
 
 /// Names the slot an operation applies to.
 #[derive(Args, Clone, Debug, Default)]
@@ -232,7 +233,7 @@ pub fn boot(args: BootArgs, cfg: &Loaded) -> Result<()> {
     let settings = args.disk.merge(cfg)?;
     let mut disk = settings.open_locked()?;
     let is_block = disk.dev.is_block_device();
-    let decision = crate::boot::boot(&mut disk, &settings.path, is_block)?;
+    let decision = crate::boot::hook::boot(&mut disk, &settings.path, is_block)?;
     match args.format {
         BootFormat::Env => print!("{}", decision.to_env()),
         BootFormat::Json => println!("{}", serde_json::to_string(&decision)?),
@@ -244,21 +245,21 @@ pub fn boot(args: BootArgs, cfg: &Loaded) -> Result<()> {
 /// Runs `mark-good`.
 pub fn mark_good(args: MarkGoodArgs, cfg: &Loaded) -> Result<()> {
     let (mut disk, index) = open_with_slot(&args.disk, args.slot.slot.as_deref(), cfg)?;
-    let change = crate::commit::mark_good(&mut disk, index, args.force)?;
+    let change = crate::boot::slot_ops::mark_good(&mut disk, index, args.force)?;
     print_change(&change, "mark-good", args.json)
 }
 
 /// Runs `mark-bad`.
 pub fn mark_bad(args: MarkBadArgs, cfg: &Loaded) -> Result<()> {
     let (mut disk, index) = open_with_slot(&args.disk, args.slot.slot.as_deref(), cfg)?;
-    let change = crate::commit::mark_bad(&mut disk, index, args.force)?;
+    let change = crate::boot::slot_ops::mark_bad(&mut disk, index, args.force)?;
     print_change(&change, "mark-bad", args.json)
 }
 
 /// Runs `rollback`.
 pub fn rollback(args: RollbackArgs, cfg: &Loaded) -> Result<()> {
     let (mut disk, running) = open_with_slot(&args.disk, args.slot.as_deref(), cfg)?;
-    let change = crate::commit::rollback(&mut disk, running)?;
+    let change = crate::boot::slot_ops::rollback(&mut disk, running)?;
     print_change(&change, "rollback", args.json)
 }
 
@@ -268,7 +269,7 @@ pub fn commit(args: CommitArgs, cfg: &Loaded) -> Result<()> {
     let mut disk = s.disk.open_locked()?;
     let index = target_slot(&disk, &s.disk, s.slot.as_deref())?;
     let json = s.json;
-    let result = crate::commit::commit(
+    let result = crate::boot::health::commit(
         &mut disk,
         index,
         &s.checks,
@@ -318,7 +319,7 @@ pub fn set_attributes(args: SetAttributesArgs, cfg: &Loaded) -> Result<()> {
     if let Some(s) = args.successful {
         a = a.with_successful(s == 1);
     }
-    let change = crate::commit::set_attributes(&mut disk, index, a, args.force)?;
+    let change = crate::boot::slot_ops::set_attributes(&mut disk, index, a, args.force)?;
     println!(
         "{}: {} -> {} ({} bytes written)",
         change.slot, change.before, change.after, change.bytes_written

@@ -5,8 +5,8 @@ use clap::Args;
 
 use super::settings::DiskFlags;
 use crate::config::Loaded;
-use crate::footer;
-use crate::running::{self, Fallback};
+use crate::disk::record;
+use crate::disk::running::{self, Fallback};
 
 /// `status`.
 #[derive(Args, Debug)]
@@ -33,7 +33,7 @@ pub fn run(args: StatusArgs, cfg: &Loaded) -> Result<()> {
     for (i, slot) in slots.iter().enumerate() {
         report.slots[i].running = running == Some(i);
         report.slots[i].version =
-            footer::read_record(&mut disk.dev, slot, sector_size).map(|r| r.version);
+            record::read_record(&mut disk.dev, slot, sector_size).map(|r| r.version);
     }
     report.running = running.map(|i| slots[i].name.clone());
     if args.json {

@@ -96,7 +96,7 @@ fn disk_init_parses_its_flags() {
     };
     assert_eq!(a.labels, ["ROOT-A", "ROOT-B"]);
     assert_eq!(a.sector_size, 512);
-    assert_eq!(a.type_guid, crate::init::LINUX_ROOT_X86_64);
+    assert_eq!(a.type_guid, crate::disk::init::LINUX_ROOT_X86_64);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! `check` and `update`: the CLI side only merges settings and prints what
-//! [`crate::update`] reports.
+//! [`crate::fetch::update`] reports.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use super::install::{cancel_flag, reboot_now};
 use super::output::{fetch_sink, json_line, print_installed, InstallDisplay, Progress};
 use super::settings::{self, DiskFlags, FetchFlags, RebootFlags, RebootSettings};
 use crate::config::{Loaded, RebootPolicy, Strategy};
-use crate::http::{FetchOptions, Fetcher};
-use crate::slots::DiskSpec;
-use crate::update::{ChannelRequest, UpdateEvent, UpdateOutcome, UpdateSettings};
+use crate::disk::slots::DiskSpec;
+use crate::fetch::http::{FetchOptions, Fetcher};
+use crate::fetch::update::{ChannelRequest, UpdateEvent, UpdateOutcome, UpdateSettings};
 
 /// Channel and policy options shared by `check` and `update`.
 #[derive(Args, Clone, Debug, Default)]
@@ -151,7 +151,7 @@ impl UpdateCommandSettings {
                 cache_dir: args
                     .cache_dir
                     .or_else(|| c.cache_dir.clone())
-                    .unwrap_or_else(|| PathBuf::from(crate::channel::DEFAULT_CACHE_DIR)),
+                    .unwrap_or_else(|| PathBuf::from(crate::fetch::channel::DEFAULT_CACHE_DIR)),
                 tries: settings::tries(args.tries, cfg),
                 adaptive: settings::adaptive(args.adaptive, cfg),
                 sentinel: reboot.sentinel.clone(),
@@ -169,7 +169,7 @@ pub fn check(args: CheckArgs, cfg: &Loaded) -> Result<()> {
     let s = CheckSettings::merge(args, cfg)?;
     // Events go to stderr: with --json, stdout is exactly one object.
     let fetcher = Fetcher::new(s.fetch)?.with_events(fetch_sink(false));
-    let checked = crate::update::check(&s.disk, &s.channel, &fetcher, &mut |event| {
+    let checked = crate::fetch::update::check(&s.disk, &s.channel, &fetcher, &mut |event| {
         show_event(event, false, &mut None, &mut InstallDisplay::new(false))
     })?;
     if s.json {
@@ -194,7 +194,7 @@ pub fn update(args: UpdateArgs, cfg: &Loaded) -> Result<()> {
         .with_cancel(Arc::clone(&cancel));
     let mut download = None;
     let mut display = InstallDisplay::new(json);
-    let outcome = crate::update::update(
+    let outcome = crate::fetch::update::update(
         disk,
         &s.channel,
         &s.update,

@@ -43,22 +43,22 @@ pub fn write_sentinel(path: &Path, slot: &str, version: &str) -> io::Result<()> 
 }
 
 /// Opens a bundle source: `-` for stdin, an `http://` or `https://` URL (streamed with resume
-/// and the default [`crate::http::FetchOptions`]; see [`crate::http`]), a block device (read up
+/// and the default [`crate::fetch::http::FetchOptions`]; see [`crate::fetch::http`]), a block device (read up
 /// to the bundle's own declared length, so a bundle on a raw disk may be followed by padding),
 /// or a file.
 pub fn open_bundle_source(path: &Path) -> Result<Box<dyn BundleSource>, BundleError> {
     use std::os::unix::fs::FileTypeExt;
-    if let Some(url) = path.to_str().filter(|s| crate::http::is_url(s)) {
+    if let Some(url) = path.to_str().filter(|s| crate::fetch::http::is_url(s)) {
         let fetch_err = |e| BundleError::Io {
             context: format!("fetching bundle {url}"),
             source: io::Error::other(e),
         };
-        let fetcher = crate::http::Fetcher::new(Default::default()).map_err(fetch_err)?;
+        let fetcher = crate::fetch::http::Fetcher::new(Default::default()).map_err(fetch_err)?;
         let source = fetcher
             .open(url, 0, Default::default())
             .map_err(fetch_err)?;
         return Ok(Box::new(io::BufReader::with_capacity(
-            crate::http::STREAM_BUFFER,
+            crate::fetch::http::STREAM_BUFFER,
             source,
         )));
     }

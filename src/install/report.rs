@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::adaptive::PlanSummary;
+use crate::install::adaptive::PlanSummary;
 
 /// Progress events, in order.
 #[derive(Debug, Clone, Serialize)]

@@ -9,10 +9,10 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use super::{bytes_to_read_from, InstallError};
-use crate::adaptive::{ChunkSource, Plan};
 use crate::bundle::{BundleError, BundleReader, BundleSource};
-use crate::slotio::{ReadOnlyView, SlotIo, SlotTarget};
-use crate::sys::AlignedBuf;
+use crate::disk::sys::AlignedBuf;
+use crate::install::adaptive::{ChunkSource, Plan};
+use crate::install::slotio::{ReadOnlyView, SlotIo, SlotTarget};
 
 /// Bytes written between two flushes, each flushed region then being read back.
 const FLUSH_EVERY: u64 = 64 << 20;
@@ -68,7 +68,9 @@ impl<'a> ChunkWriter<'a> {
         }
         // Direct I/O needs an aligned buffer and whole blocks: copy the verified chunk in and
         // zero-pad the tail (which stays below the slot record).
-        let padded = data.len().next_multiple_of(crate::slotio::DIRECT_ALIGN);
+        let padded = data
+            .len()
+            .next_multiple_of(crate::install::slotio::DIRECT_ALIGN);
         self.write_buf[..data.len()].copy_from_slice(data);
         self.write_buf[data.len()..padded].fill(0);
         self.out
@@ -183,7 +185,7 @@ pub(super) fn verify_regions(
                 });
             }
             let want = ((offset + len - at) as usize).min(READBACK_PIECE);
-            let aligned = want.next_multiple_of(crate::slotio::DIRECT_ALIGN);
+            let aligned = want.next_multiple_of(crate::install::slotio::DIRECT_ALIGN);
             out.read_at(slot, &mut buf[..aligned], at)?;
             hasher.update(&buf[..want]);
             at += want as u64;

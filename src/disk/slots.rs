@@ -1,4 +1,4 @@
-//! The A/B slots of a disk: found by partition label, read and written through [`crate::gpt`].
+//! The A/B slots of a disk: found by partition label, read and written through [`crate::disk::gpt`].
 
 use std::path::{Path, PathBuf};
 
@@ -6,8 +6,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::attrs::{SlotAttributes, SlotFields};
-use crate::blockdev::{BlockDevice, FileDevice};
-use crate::gpt::{CopyHealth, Entry, Gpt, GptError};
+use crate::disk::blockdev::{BlockDevice, FileDevice};
+use crate::disk::gpt::{CopyHealth, Entry, Gpt, GptError};
 use crate::layout::{self, SlotEntries, SlotLabels};
 use crate::select;
 
@@ -29,7 +29,7 @@ pub struct DiskSpec {
 pub enum OpenDiskError {
     /// Opening or locking the device failed.
     #[error(transparent)]
-    Device(#[from] crate::blockdev::OpenError),
+    Device(#[from] crate::disk::blockdev::OpenError),
     /// The partition table or the slot labels are unusable.
     #[error(transparent)]
     Slots(#[from] SlotError),

@@ -20,7 +20,7 @@
 //!
 //! With [`InstallOptions::adaptive`], step 3 also hashes the running slot (read-only) and
 //! step 5 copies every chunk found there instead of reading its frame from the bundle
-//! ([`crate::adaptive`]); the checks of steps 5-6 are the same.
+//! ([`crate::install::adaptive`]); the checks of steps 5-6 are the same.
 
 use std::cmp::Ordering;
 use std::io;
@@ -31,14 +31,14 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use crate::adaptive::{self, ChunkSource, Plan};
 use crate::attrs::SlotAttributes;
 use crate::bundle::{BundleError, BundleReader, BundleSource, Keyring};
-use crate::footer::{self, SlotRecord, RECORD_BYTES};
-use crate::running;
+use crate::disk::record::{self, SlotRecord, RECORD_BYTES};
+use crate::disk::running;
+use crate::disk::slots::{AbDisk, SlotError};
 use crate::select;
-use crate::slotio::{ReadOnlyView, SlotBacking, SlotIo, SlotIoError, SlotTarget};
-use crate::slots::{AbDisk, SlotError};
+use adaptive::{ChunkSource, Plan};
+use slotio::{ReadOnlyView, SlotBacking, SlotIo, SlotIoError, SlotTarget};
 
 /// Default path of the reboot-required sentinel (watched by kured and similar).
 pub const DEFAULT_SENTINEL: &str = "/run/reboot-required";
@@ -168,7 +168,7 @@ pub struct InstallOptions {
     /// Decompression worker threads (0: one per core).
     pub workers: usize,
     /// Copy the chunks the running slot already holds instead of reading them from the
-    /// bundle ([`crate::adaptive`]).
+    /// bundle ([`crate::install::adaptive`]).
     pub adaptive: bool,
     /// Stop after every check (signature, policy, size, target can be opened; the adaptive
     /// plan): report what would happen, change nothing.
@@ -190,8 +190,10 @@ impl Default for InstallOptions {
     }
 }
 
+pub mod adaptive;
 mod local;
 mod report;
+pub mod slotio;
 mod stream;
 mod version;
 
@@ -227,7 +229,7 @@ pub fn install<D: SlotBacking, R: BundleSource>(
         });
     }
     let sector_size = disk.gpt.sector_size();
-    let running_record = footer::read_record(&mut disk.dev, &slots[running], sector_size);
+    let running_record = record::read_record(&mut disk.dev, &slots[running], sector_size);
 
     // 2. Signature before anything else.
     // A source read that gave up on a signal fails the header: report the signal instead.
@@ -399,7 +401,7 @@ fn prepare_target<D: SlotBacking>(
     let slots = disk.slots()?;
     let slot = &slots[target];
     let slot_size = slot.size_bytes(sector_size);
-    let usable = footer::max_image_size(slot_size);
+    let usable = record::max_image_size(slot_size);
     if header.image_size > usable {
         return Err(InstallError::TooLarge {
             image: header.image_size,
@@ -625,7 +627,7 @@ struct IndexedRunning {
 /// Hashes the running slot through a read-only view and plans the adaptive install.
 fn index_running<D: SlotBacking>(
     disk: &mut AbDisk<D>,
-    running: &crate::slots::Slot,
+    running: &crate::disk::slots::Slot,
     sector_size: u32,
     image_len: Option<u64>,
     header: &crate::bundle::BundleHeader,
@@ -633,7 +635,7 @@ fn index_running<D: SlotBacking>(
     let started = Instant::now();
     let size = running.size_bytes(sector_size);
     // The slot record's tail block is never image data.
-    let usable = footer::max_image_size(size);
+    let usable = record::max_image_size(size);
     let view = disk
         .dev
         .read_only_view(running.offset_bytes(sector_size), usable)?;

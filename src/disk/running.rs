@@ -8,10 +8,10 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::blockdev::BlockDevice;
+use crate::disk::blockdev::BlockDevice;
+use crate::disk::slots::{partition_device_path, AbDisk, Slot, SlotError};
+use crate::install::slotio::SlotBacking;
 use crate::install::InstallError;
-use crate::slotio::SlotBacking;
-use crate::slots::{partition_device_path, AbDisk, Slot, SlotError};
 
 /// How the running slot was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

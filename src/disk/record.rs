@@ -7,9 +7,9 @@
 pub use abupdate_core::slot_record::{max_image_size, SlotRecord, MAX_STRING, RECORD_BYTES};
 
 /// Reads the record of `slot`; `None` when absent, torn or unreadable.
-pub fn read_record<D: crate::blockdev::BlockDevice>(
+pub fn read_record<D: crate::disk::blockdev::BlockDevice>(
     dev: &mut D,
-    slot: &crate::slots::Slot,
+    slot: &crate::disk::slots::Slot,
     sector_size: u32,
 ) -> Option<SlotRecord> {
     let size = slot.size_bytes(sector_size);
@@ -61,9 +61,9 @@ pub enum Unverified {
 /// `image_size` bytes hash to the recorded SHA-256. Costs one read of the image; used before
 /// a command makes a slot bootable that was not (mark-good, commit, set-attributes), so a
 /// slot whose install was cut short is never made the next boot by hand.
-pub fn verify_slot<D: crate::blockdev::BlockDevice>(
+pub fn verify_slot<D: crate::disk::blockdev::BlockDevice>(
     dev: &mut D,
-    slot: &crate::slots::Slot,
+    slot: &crate::disk::slots::Slot,
     sector_size: u32,
 ) -> Result<SlotRecord, Unverified> {
     use sha2::{Digest, Sha256};

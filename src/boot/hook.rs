@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::attrs::SlotAttributes;
-use crate::blockdev::BlockDevice;
-use crate::footer::{self, SlotRecord};
+use crate::disk::blockdev::BlockDevice;
+use crate::disk::record::{self, SlotRecord};
+use crate::disk::slots::{partition_device_path, AbDisk, Slot, SlotError};
 use crate::select;
-use crate::slots::{partition_device_path, AbDisk, Slot, SlotError};
 
 /// Errors of the boot hook.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ pub fn boot<D: BlockDevice>(
     let bytes_written = disk.write_slot_attributes(&slots, &new)?;
     let slot = &slots[choice.index];
     let sector_size = disk.gpt.sector_size();
-    let record: Option<SlotRecord> = footer::read_record(&mut disk.dev, slot, sector_size);
+    let record: Option<SlotRecord> = record::read_record(&mut disk.dev, slot, sector_size);
     Ok(BootDecision {
         slot: slot.name.clone(),
         partition: slot.partition(),

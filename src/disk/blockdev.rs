@@ -9,7 +9,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use crate::sys;
+use crate::disk::sys;
 
 /// Positioned I/O on a disk with a known logical sector size.
 pub trait BlockDevice {
@@ -142,13 +142,13 @@ impl FileDevice {
 
     /// Takes the exclusive abupdate lock on this disk, so two abupdate processes never
     /// interleave writes: a `flock` on the disk node or image file and on every other file
-    /// naming the same storage ([`crate::disklock`]: a loop device and its backing file, a
+    /// naming the same storage ([`crate::disk::lock`]: a loop device and its backing file, a
     /// partition's disk). Held until the device is dropped; on error, drop the device.
     pub fn lock(&self) -> Result<(), OpenError> {
         if self.lock_guards.get().is_some() {
             return Ok(());
         }
-        let aliases = crate::disklock::aliases(&self.file);
+        let aliases = crate::disk::lock::aliases(&self.file);
         let mut set: Vec<(&Path, &File)> = std::iter::once((self.path.as_path(), &self.file))
             .chain(aliases.iter().map(|(p, f)| (p.as_path(), f)))
             .collect();

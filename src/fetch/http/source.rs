@@ -1,5 +1,5 @@
 //! [`HttpSource`]: the resuming [`Read`] over a bundle at a URL (see the module docs of
-//! [`crate::http`]).
+//! [`crate::fetch::http`]).
 
 use std::fmt;
 use std::io::{self, Read};

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{is_cancelled, ChannelError, ChannelIndex, Found};
 use crate::bundle::{self, Keyring};
-use crate::http::{Fetcher, HttpError};
+use crate::fetch::http::{Fetcher, HttpError};
 
 /// Path of the verified cached bundle for `index` in `cache_dir`.
 pub fn cached_path(cache_dir: &Path, index: &ChannelIndex) -> PathBuf {

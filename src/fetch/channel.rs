@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attrs::SlotAttributes;
 use crate::bundle::{self, BundleError, KeyId, Keyring};
-use crate::http::{self, Expected, Fetcher, HttpError};
+use crate::fetch::http::{self, Expected, Fetcher, HttpError};
 use crate::install::compare_versions;
 use crate::select;
 

@@ -22,7 +22,7 @@
 //! - a copied chunk is hashed again when it is read for writing and must equal the signed
 //!   chunk hash, else it is fetched from the bundle after all;
 //! - the running slot is only ever read, through a read-only view
-//!   ([`crate::slotio::SlotBacking::read_only_view`]);
+//!   ([`crate::install::slotio::SlotBacking::read_only_view`]);
 //! - the whole slot is read back and checked against the signed image hash before it is
 //!   made bootable, exactly as in a plain install.
 //!
@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 
 use crate::bundle::format::{FIRST_BLOCK_HASH_LEN, FIRST_BLOCK_LEN};
 use crate::bundle::BundleHeader;
-use crate::slotio::ReadOnlyView;
+use crate::install::slotio::ReadOnlyView;
 
 /// Candidate offsets checked per chunk at most, besides the one the previous chunk's move
 /// predicts (all-zero blocks appear everywhere).

@@ -220,8 +220,8 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blockdev::FileDevice;
-    use crate::slots::AbDisk;
+    use crate::disk::blockdev::FileDevice;
+    use crate::disk::slots::AbDisk;
 
     #[test]
     fn init_creates_readable_ab_disk() {

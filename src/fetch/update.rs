@@ -9,16 +9,16 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::attrs::SlotAttributes;
-use crate::blockdev::FileDevice;
 use crate::bundle::{BundleError, BundleSource, KeyError, Keyring};
-use crate::channel::{ChannelError, Downloaded, Found, SlotView, Verdict};
 use crate::config::Strategy;
+use crate::disk::blockdev::FileDevice;
+use crate::disk::record;
+use crate::disk::running;
+use crate::disk::slots::{AbDisk, DiskSpec, OpenDiskError};
 use crate::exit::Exit;
-use crate::footer;
-use crate::http::{Expected, Fetcher, HttpError};
+use crate::fetch::channel::{ChannelError, Downloaded, Found, SlotView, Verdict};
+use crate::fetch::http::{Expected, Fetcher, HttpError};
 use crate::install::{InstallError, InstallEvent, InstallOptions, InstallReport};
-use crate::running;
-use crate::slots::{AbDisk, DiskSpec, OpenDiskError};
 
 /// Errors of `check` and `update`.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +28,7 @@ pub enum UpdateError {
     Disk(#[from] OpenDiskError),
     /// Reading the slots failed.
     #[error(transparent)]
-    Slots(#[from] crate::slots::SlotError),
+    Slots(#[from] crate::disk::slots::SlotError),
     /// The keyring could not be loaded.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -265,7 +265,7 @@ fn inspect_node(
     let sector_size = disk.gpt.sector_size();
     let records: Vec<_> = slots
         .iter()
-        .map(|s| footer::read_record(&mut disk.dev, s, sector_size))
+        .map(|s| record::read_record(&mut disk.dev, s, sector_size))
         .collect();
     let views = slots
         .iter()
@@ -315,12 +315,14 @@ pub fn check(
         request.running.as_deref(),
         request.compatible.as_deref(),
     )?;
-    let found =
-        crate::channel::fetch_index(fetcher, &request.channels, &keyring, &mut |url, error| {
-            events(UpdateEvent::ChannelMirrorFailed { url, error })
-        })?;
+    let found = crate::fetch::channel::fetch_index(
+        fetcher,
+        &request.channels,
+        &keyring,
+        &mut |url, error| events(UpdateEvent::ChannelMirrorFailed { url, error }),
+    )?;
     let running = &node.views[node.running];
-    let verdict = crate::channel::decide(
+    let verdict = crate::fetch::channel::decide(
         running,
         &node.views[node.other],
         &node.attrs,
@@ -414,7 +416,7 @@ pub fn update(
     if settings.strategy == Strategy::DownloadOnly {
         // Both callbacks report through the one event sink.
         let events = std::cell::RefCell::new(events);
-        let download = crate::channel::download_to_cache(
+        let download = crate::fetch::channel::download_to_cache(
             fetcher,
             &found,
             &keyring,
@@ -444,7 +446,7 @@ pub fn update(
         dry_run: false,
     };
     let mut disk = disk.open_locked()?;
-    if let Some(path) = crate::channel::cached_bundle(&settings.cache_dir, index) {
+    if let Some(path) = crate::fetch::channel::cached_bundle(&settings.cache_dir, index) {
         events(UpdateEvent::InstallingFromCache {
             version: &index.version,
             path: &path,
@@ -461,7 +463,7 @@ pub fn update(
         let report = install_from(&mut disk, source, &keyring, &options, cancel, &mut |e| {
             events(UpdateEvent::Install(e))
         })?;
-        crate::channel::prune_cache(&settings.cache_dir, None)?;
+        crate::fetch::channel::prune_cache(&settings.cache_dir, None)?;
         return Ok(UpdateOutcome::Installed(report));
     }
     for (i, url) in found.bundle_urls.iter().enumerate() {
@@ -502,7 +504,7 @@ pub fn open_url(
     let source = crate::bundle::run_interruptible(cancel, move || fetcher.open(&url, 0, expected))
         .map_err(|_| HttpError::Cancelled)??;
     Ok(Box::new(std::io::BufReader::with_capacity(
-        crate::http::STREAM_BUFFER,
+        crate::fetch::http::STREAM_BUFFER,
         source,
     )))
 }

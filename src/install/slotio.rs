@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Mutex;
 
-use crate::blockdev::{BlockDevice, FileDevice, MemDevice, RecordingDevice};
-use crate::sys::{self, AlignedBuf};
+use crate::disk::blockdev::{BlockDevice, FileDevice, MemDevice, RecordingDevice};
+use crate::disk::sys::{self, AlignedBuf};
 
 /// Byte I/O on one open slot, shared between the writer and the read-back thread.
 pub trait SlotIo: Sync {
@@ -114,7 +114,7 @@ impl SlotBacking for FileDevice {
         offset: u64,
         len: u64,
     ) -> Result<Box<dyn SlotIo + '_>, SlotIoError> {
-        let node = crate::slots::partition_device_path(self.path(), partition);
+        let node = crate::disk::slots::partition_device_path(self.path(), partition);
         Ok(Box::new(SlotTarget::open_for_write(
             slot,
             self.path(),

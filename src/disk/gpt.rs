@@ -5,7 +5,7 @@
 //! which order live in [`abupdate_core::gpt`] (re-exported here), so that the boot loader
 //! validates and writes the table exactly as `abupdate boot` does. This module only reads
 //! sectors, executes [`WritePlan`]s on a [`BlockDevice`] and wraps I/O errors with the byte
-//! offset. The `gpt` crate is still used to create new disks (see [`crate::init`]).
+//! offset. The `gpt` crate is still used to create new disks (see [`crate::disk::init`]).
 
 use std::ops::Deref;
 
@@ -14,7 +14,7 @@ pub use abupdate_core::gpt::{
     WriteStep, MAX_ENTRY_ARRAY_BYTES, MIN_DISK_SECTORS, MIN_ENTRY_SIZE, MIN_HEADER_SIZE, SIGNATURE,
 };
 
-use crate::blockdev::BlockDevice;
+use crate::disk::blockdev::BlockDevice;
 
 /// Errors of the GPT layer.
 #[derive(Debug, thiserror::Error)]
