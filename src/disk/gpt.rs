@@ -10,8 +10,9 @@
 use std::ops::Deref;
 
 pub use abupdate_core::gpt::{
-    Copy, CopyHealth, CopyProblem, Entry, Header, NoValidCopy, PlanError, Table, Which, WritePlan,
-    WriteStep, MAX_ENTRY_ARRAY_BYTES, MIN_DISK_SECTORS, MIN_ENTRY_SIZE, MIN_HEADER_SIZE, SIGNATURE,
+    Copy, CopyHealth, CopyProblem, Entry, Header, NoValidCopy, PlanError, SectorIo, StepFailed,
+    Table, Which, WritePlan, WriteStep, MAX_ENTRY_ARRAY_BYTES, MIN_DISK_SECTORS, MIN_ENTRY_SIZE,
+    MIN_HEADER_SIZE, SIGNATURE,
 };
 
 use crate::disk::blockdev::BlockDevice;
@@ -43,6 +44,28 @@ pub enum GptError {
     /// The write cannot be planned (no room for a copy, no such entry); nothing was written.
     #[error(transparent)]
     Plan(#[from] PlanError),
+}
+
+/// A [`BlockDevice`] addressed by LBA, for the core's plan executor.
+struct Sectors<'a, D> {
+    dev: &'a mut D,
+    sector: u64,
+}
+
+impl<D: BlockDevice> SectorIo for Sectors<'_, D> {
+    type Error = std::io::Error;
+
+    fn read(&mut self, lba: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.dev.read_at(buf, lba * self.sector)
+    }
+
+    fn write(&mut self, lba: u64, data: &[u8]) -> std::io::Result<()> {
+        self.dev.write_at(data, lba * self.sector)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.dev.flush()
+    }
 }
 
 /// Both copies as read from a disk ([`Table`], whose methods it derefs to), with the I/O that
@@ -79,46 +102,17 @@ impl Gpt {
         Ok(Self { table })
     }
 
-    /// Executes `plan` step by step, updating the table after each flush. Returns the bytes
-    /// written.
+    /// Executes `plan` with the core's executor ([`Table::execute`]), wrapping a device error
+    /// with the byte offset. Returns the bytes written.
     fn execute<D: BlockDevice>(&mut self, dev: &mut D, plan: WritePlan) -> Result<u64, GptError> {
         let sector = u64::from(self.table.sector_size());
-        let written = plan.bytes(self.table.sector_size());
-        for step in plan.steps {
-            match step {
-                WriteStep::Sectors { lba, bytes } => {
-                    let offset = lba * sector;
-                    dev.write_at(&bytes, offset)
-                        .map_err(|source| GptError::Io {
-                            what: "writing GPT entry array",
-                            offset,
-                            source,
-                        })?;
-                }
-                WriteStep::Header { lba, bytes } => {
-                    let offset = lba * sector;
-                    let mut header_sector = vec![0u8; sector as usize];
-                    // Keep the sector's bytes beyond header_size as they were (zero by spec).
-                    let _ = dev.read_at(&mut header_sector, offset);
-                    header_sector[..bytes.len()].copy_from_slice(&bytes);
-                    dev.write_at(&header_sector, offset)
-                        .map_err(|source| GptError::Io {
-                            what: "writing GPT header",
-                            offset,
-                            source,
-                        })?;
-                }
-                WriteStep::Flush { lba, which, copy } => {
-                    dev.flush().map_err(|source| GptError::Io {
-                        what: "flushing GPT write",
-                        offset: lba * sector,
-                        source,
-                    })?;
-                    self.table.set_copy(which, copy);
-                }
-            }
-        }
-        Ok(written)
+        self.table
+            .execute(&mut Sectors { dev, sector }, plan)
+            .map_err(|failed| GptError::Io {
+                what: failed.what,
+                offset: failed.lba * sector,
+                source: failed.source,
+            })
     }
 
     /// Replaces the attribute field of the given entries and writes both copies crash-safely,

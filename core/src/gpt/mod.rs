@@ -22,7 +22,7 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-pub use table::{Table, WritePlan, WriteStep};
+pub use table::{SectorIo, StepFailed, Table, WritePlan, WriteStep};
 
 /// "EFI PART", the header signature.
 pub const SIGNATURE: &[u8; 8] = b"EFI PART";

@@ -95,6 +95,38 @@ impl WritePlan {
     }
 }
 
+/// A disk as the plan executor sees it: whole sectors by LBA, and a flush that makes every
+/// write before it durable. `abupdate` implements it over Linux block devices and image
+/// files, the UEFI loader over the firmware's Block I/O protocol.
+pub trait SectorIo {
+    /// The device's error.
+    type Error;
+    /// Fills `buf` (whole sectors) from LBA `lba`.
+    fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
+    /// Writes `data` (whole sectors) at LBA `lba`.
+    fn write(&mut self, lba: u64, data: &[u8]) -> Result<(), Self::Error>;
+    /// Makes every write so far durable.
+    fn flush(&mut self) -> Result<(), Self::Error>;
+}
+
+/// The step of a [`WritePlan`] that failed, with the device's error. The steps before it have
+/// reached the device; the table reflects the copies flushed so far.
+#[derive(Debug)]
+pub struct StepFailed<E> {
+    /// What the step was doing.
+    pub what: &'static str,
+    /// The LBA it wrote (the header's, for a flush).
+    pub lba: u64,
+    /// The device's error.
+    pub source: E,
+}
+
+impl<E: core::fmt::Display> core::fmt::Display for StepFailed<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{} at LBA {}: {}", self.what, self.lba, self.source)
+    }
+}
+
 impl Table {
     /// Reads both copies of a disk of `disk_sectors` (at least [`MIN_DISK_SECTORS`](super::MIN_DISK_SECTORS)) sectors of
     /// `sector_size` bytes through `read(lba, buf)`, which fills `buf` from LBA `lba` or says
@@ -465,5 +497,43 @@ impl Table {
         next.plan_copy(&mut plan, Which::Primary, &entries);
         next.plan_copy(&mut plan, Which::Backup, &entries);
         Ok(plan)
+    }
+}
+
+impl Table {
+    /// Executes `plan` on `io`, step by step and in order, updating the table after each flush
+    /// (so after a failure it describes what is durable). Returns the bytes written.
+    ///
+    /// This is the only executor of write plans: `abupdate` and the UEFI loader both call it,
+    /// so the crash-safe order documented on [`Table::plan_attributes`] is kept by one piece of
+    /// code.
+    pub fn execute<S: SectorIo>(
+        &mut self,
+        io: &mut S,
+        plan: WritePlan,
+    ) -> Result<u64, StepFailed<S::Error>> {
+        let written = plan.bytes(self.sector_size);
+        let failed = |what, lba| move |source| StepFailed { what, lba, source };
+        for step in plan.steps {
+            match step {
+                WriteStep::Sectors { lba, bytes } => io
+                    .write(lba, &bytes)
+                    .map_err(failed("writing GPT entry array", lba))?,
+                WriteStep::Header { lba, bytes } => {
+                    let mut sector = vec![0u8; self.sector_size as usize];
+                    // Keep the sector's bytes beyond header_size as they were (zero by spec);
+                    // an unreadable sector is written with zeros there.
+                    let _ = io.read(lba, &mut sector);
+                    sector[..bytes.len()].copy_from_slice(&bytes);
+                    io.write(lba, &sector)
+                        .map_err(failed("writing GPT header", lba))?;
+                }
+                WriteStep::Flush { lba, which, copy } => {
+                    io.flush().map_err(failed("flushing GPT write", lba))?;
+                    self.set_copy(which, copy);
+                }
+            }
+        }
+        Ok(written)
     }
 }

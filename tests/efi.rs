@@ -1,0 +1,323 @@
+//! The UEFI loader (`loader/`) under real firmware: OVMF in QEMU (TCG) boots the loader from a
+//! FAT ESP, the loader finds the A/B disk through Block I/O, reads and validates its GPT, chooses
+//! the slot and spends its try with `abupdate-core`, prints the choice and powers off.
+//!
+//! - a fresh disk: ROOT-A, nothing written;
+//! - a slot on trial after a real install: each boot spends one try, and the disk the loader
+//!   leaves is byte-identical to the one `abupdate boot` leaves from the same start (the same
+//!   core code decides and writes); after the tries, ROOT-A again, as cgpt reads it;
+//! - power cuts while the loader spends a try: a test build of the loader (feature
+//!   `power-cut-test`) pauses after each GPT write and flush, and the VM is killed in every
+//!   pause; each cut leaves the old or the new attributes (never a mix), and the next boot
+//!   chooses a slot and leaves a table `sgdisk -v` finds clean.
+//!
+//! Needs qemu-system-x86_64, OVMF (Debian `ovmf`), `mkfs.vfat` (`dosfstools`), `mcopy`
+//! (`mtools`) and the `x86_64-unknown-uefi` Rust target; under `CI=true` a missing one fails.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The two loader builds.
+struct Loaders {
+    shipped: PathBuf,
+    power_cut: PathBuf,
+}
+
+/// Builds the loader (once per test process), or `None` when a facility is missing outside CI.
+fn loaders() -> Option<&'static Loaders> {
+    static LOADERS: OnceLock<Option<Loaders>> = OnceLock::new();
+    LOADERS
+        .get_or_init(|| {
+            let present = on_path("qemu-system-x86_64")
+                && Path::new(OVMF_CODE).exists()
+                && Path::new(OVMF_VARS).exists()
+                && on_path("mkfs.vfat")
+                && on_path("mcopy");
+            if !have(
+                "qemu-system-x86_64, OVMF, mkfs.vfat and mcopy (Debian qemu-system-x86, ovmf, dosfstools, mtools)",
+                present,
+            ) {
+                return None;
+            }
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("loader");
+            let build = |extra: &[&str]| {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let out = Command::new(cargo)
+                    .current_dir(&dir)
+                    .args(["build", "--release", "--quiet"])
+                    .args(extra)
+                    .output()
+                    .expect("run cargo");
+                assert!(
+                    out.status.success(),
+                    "building the loader ({extra:?}) failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            build(&[]);
+            build(&["--features", "power-cut-test", "--target-dir", "target/power-cut"]);
+            let efi = |target: &str| {
+                dir.join(target)
+                    .join("x86_64-unknown-uefi/release/abupdate-loader.efi")
+            };
+            Some(Loaders {
+                shipped: efi("target"),
+                power_cut: efi("target/power-cut"),
+            })
+        })
+        .as_ref()
+}
+
+/// A FAT ESP image `dir/NAME.img` holding `loader` as `\EFI\BOOT\BOOTX64.EFI`, the path
+/// firmware boots.
+fn make_esp(dir: &Path, name: &str, loader: &Path) -> PathBuf {
+    let esp = dir.join(format!("{name}.img"));
+    tool_ok("truncate", &["-s", "34M", esp.to_str().unwrap()]);
+    tool_ok(
+        "mkfs.vfat",
+        &["-F", "32", "-n", "ESP", esp.to_str().unwrap()],
+    );
+    let img = esp.to_str().unwrap();
+    tool_ok("mmd", &["-i", img, "::/EFI", "::/EFI/BOOT"]);
+    tool_ok(
+        "mcopy",
+        &[
+            "-i",
+            img,
+            loader.to_str().unwrap(),
+            "::/EFI/BOOT/BOOTX64.EFI",
+        ],
+    );
+    esp
+}
+
+/// Starts OVMF with the ESP as the first disk and the A/B disk as the second; the console
+/// (mirrored to serial) comes out on stdout.
+fn start_vm(dir: &Path, esp: &Path, disk: &str) -> Child {
+    let vars = dir.join("vars.fd");
+    std::fs::copy(OVMF_VARS, &vars).unwrap();
+    Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35", "-accel", "tcg", "-m", "256"])
+        .args(["-nographic", "-no-reboot", "-net", "none"])
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+        .arg("-drive")
+        .arg(format!("format=raw,file={}", esp.display()))
+        .arg("-drive")
+        .arg(format!("format=raw,file={disk}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-system-x86_64")
+}
+
+/// The loader's lines ("abupdate-loader: …") as the VM prints them.
+fn loader_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(out);
+        let mut raw = Vec::new();
+        while reader.read_until(b'\n', &mut raw).unwrap_or(0) > 0 {
+            let line = String::from_utf8_lossy(&raw).replace('\r', "");
+            if let Some(i) = line.find("abupdate-loader: ") {
+                let _ = tx.send(line[i..].trim_end().to_string());
+            }
+            raw.clear();
+        }
+    });
+    rx
+}
+
+/// Boots the shipped loader once and returns its last line (the choice, or why not).
+fn boot(dir: &Path, esp: &Path, disk: &str) -> String {
+    let mut child = start_vm(dir, esp, disk);
+    let lines = loader_lines(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = None;
+    loop {
+        match lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => last = Some(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > deadline => {
+                let _ = child.kill();
+                panic!("the VM did not power off within 120 s (last loader line: {last:?})");
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "qemu: {status}");
+    last.expect("the loader printed nothing")
+}
+
+/// ROOT-A holds v1 (seeded, committed); v2 is installed into ROOT-B, on trial with two tries.
+fn disk_with_a_trial(dir: &Path) -> String {
+    let disk = dir.join("disk.img").display().to_string();
+    for (v, seed) in [("1", 1), ("2", 2)] {
+        let image = dir.join(format!("v{v}.img"));
+        make_image(&image, 1024 * 1024 + 512, seed);
+        make_bundle(
+            &image,
+            &format!("{v}.0"),
+            "test-board",
+            &dir.join(format!("v{v}.abup")),
+        );
+    }
+    let key = test_pubkey().display().to_string();
+    let v1 = dir.join("v1.abup").display().to_string();
+    abupdate_ok(&[
+        "disk",
+        "init",
+        &disk,
+        "--slot-size",
+        "4M",
+        "--seed",
+        &v1,
+        "--keyring",
+        &key,
+    ]);
+    let mut args = install_args(dir.join("v2.abup").to_str().unwrap(), &disk);
+    args.extend(["--tries".to_string(), "2".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    abupdate_ok(&args);
+    disk
+}
+
+#[test]
+fn efi_a_fresh_disk_boots_root_a_and_nothing_is_written() {
+    let Some(l) = loaders() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img").display().to_string();
+    abupdate_ok(&["disk", "init", &disk, "--slot-size", "4M"]);
+    let before = sha256_file(Path::new(&disk));
+    let esp = make_esp(dir.path(), "esp", &l.shipped);
+    let line = boot(dir.path(), &esp, &disk);
+    assert!(line.contains("chose ROOT-A"), "{line}");
+    assert!(line.contains("0 GPT bytes written"), "{line}");
+    assert_eq!(
+        sha256_file(Path::new(&disk)),
+        before,
+        "a committed slot spends no try"
+    );
+}
+
+#[test]
+fn efi_the_loader_spends_tries_exactly_as_abupdate_boot() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let Some(l) = loaders() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_with_a_trial(dir.path());
+    let hook = dir.path().join("hook.img").display().to_string();
+    std::fs::copy(&disk, &hook).unwrap();
+    let esp = make_esp(dir.path(), "esp", &l.shipped);
+    for expected in ["ROOT-B", "ROOT-B", "ROOT-A"] {
+        let line = boot(dir.path(), &esp, &disk);
+        assert!(line.contains(&format!("chose {expected}")), "{line}");
+        let env = abupdate_ok(&["boot", "--disk", &hook, "--format", "env"]);
+        assert!(
+            env.contains(&format!("ABUPDATE_SLOT='{expected}'")),
+            "{env}"
+        );
+        assert_eq!(
+            sha256_file(Path::new(&disk)),
+            sha256_file(Path::new(&hook)),
+            "the loader and `abupdate boot` left different disks after choosing {expected}"
+        );
+    }
+    // Two boots spent both tries (the second leaves P0 T0, as cgptlib does); cgpt agrees.
+    assert_eq!(cgpt_fields(&disk, 2), (0, 0, false));
+    assert_eq!(cgpt_fields(&disk, 1), (1, 0, true));
+    assert_sgdisk_clean(&disk);
+}
+
+#[test]
+fn efi_power_cut_while_the_loader_spends_a_try() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let Some(l) = loaders() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let template = disk_with_a_trial(dir.path());
+    let esp_cut = make_esp(dir.path(), "esp-power-cut", &l.power_cut);
+    let esp = make_esp(dir.path(), "esp", &l.shipped);
+    let old = cgpt_fields(&template, 2);
+    assert_eq!(old, (2, 2, false), "the install left ROOT-B on trial");
+    let new = (2, 1, false);
+    let mut cut = 1;
+    loop {
+        let disk = dir
+            .path()
+            .join(format!("cut-{cut}.img"))
+            .display()
+            .to_string();
+        std::fs::copy(&template, &disk).unwrap();
+        let mut child = start_vm(dir.path(), &esp_cut, &disk);
+        let lines = loader_lines(&mut child);
+        let mut pauses = 0;
+        let mut finished = false;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while pauses < cut {
+            match lines.recv_timeout(Duration::from_secs(1)) {
+                Ok(line) if line.contains("power-cut-test:") => pauses += 1,
+                Ok(line) if line.contains("chose") => {
+                    finished = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the VM ended early"),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    assert!(Instant::now() < deadline, "no pause {cut} within 120 s");
+                }
+            }
+        }
+        // The power cut: the loader is inside its pause after write or flush number `cut`.
+        let _ = child.kill();
+        let _ = child.wait();
+        if finished {
+            // Every pause was cut at; this run got through them all.
+            assert!(cut > 4, "only {} pauses", cut - 1);
+            eprintln!(
+                "efi power cuts: {} cut points, each left old or new attributes",
+                cut - 1
+            );
+            break;
+        }
+        let after = cgpt_fields(&disk, 2);
+        assert!(
+            after == old || after == new,
+            "cut {cut}: ROOT-B is {after:?}, neither the old {old:?} nor the new {new:?}"
+        );
+        assert_eq!(
+            cgpt_fields(&disk, 1),
+            (1, 0, true),
+            "cut {cut}: ROOT-A changed"
+        );
+        // The next boot (the shipped loader) chooses a slot and repairs whatever copy the
+        // cut left stale.
+        let line = boot(dir.path(), &esp, &disk);
+        assert!(line.contains("chose ROOT-"), "cut {cut}: {line}");
+        assert_sgdisk_clean(&disk);
+        let json = status_json(&disk, &[]);
+        assert!(
+            !json.to_string().contains("stale"),
+            "cut {cut}: a stale copy survived the next boot: {json}"
+        );
+        cut += 1;
+    }
+}
