@@ -29,4 +29,4 @@ pub mod disk;
 pub mod exit;
 pub mod fetch;
 pub mod install;
-pub mod pipeline;
+pub(crate) mod pipeline;

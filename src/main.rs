@@ -8,6 +8,5 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    abupdate::disk::sys::default_sigpipe();
     abupdate::cli::main(abupdate::cli::Cli::parse())
 }

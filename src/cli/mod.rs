@@ -125,6 +125,7 @@ pub fn run(cli: Cli) -> Result<()> {
 /// Runs a parsed command line and turns its error into one line on stderr and the
 /// documented exit code.
 pub fn main(cli: Cli) -> ExitCode {
+    crate::disk::sys::default_sigpipe();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -14,9 +14,9 @@
 pub mod blockdev;
 pub mod gpt;
 pub mod init;
-pub mod lock;
+pub(crate) mod lock;
 pub mod record;
 pub mod running;
 pub mod slots;
 #[allow(unsafe_code)]
-pub mod sys;
+pub(crate) mod sys;

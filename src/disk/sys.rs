@@ -9,8 +9,6 @@ use std::os::fd::AsRawFd;
 // From <linux/fs.h>: _IO(0x12, 104) and _IOR(0x12, 114, size_t).
 const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-// _IO(0x12, 95): ask the kernel to re-read the partition table.
-const BLKRRPART: libc::c_ulong = 0x125f;
 
 /// Logical sector size of a block device (`BLKSSZGET`).
 pub fn logical_sector_size(file: &File) -> io::Result<u32> {
@@ -53,17 +51,6 @@ pub fn block_device_size(file: &File) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(size)
-}
-
-/// Asks the kernel to re-read a disk's partition table. Failure is reported, not fatal:
-/// a busy disk keeps its old view, which holds the same partition boundaries.
-pub fn reread_partitions(file: &File) -> io::Result<()> {
-    // SAFETY: BLKRRPART takes no argument.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKRRPART as _) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Drops the page cache of a byte range of `file`, so a following buffered read comes from
