@@ -166,30 +166,7 @@ fn boot(dir: &Path, esp: &Path, disk: &str) -> String {
 
 /// ROOT-A holds v1 (seeded, committed); v2 is installed into ROOT-B, on trial with two tries.
 fn disk_with_a_trial(dir: &Path) -> String {
-    let disk = dir.join("disk.img").display().to_string();
-    for (v, seed) in [("1", 1), ("2", 2)] {
-        let image = dir.join(format!("v{v}.img"));
-        make_image(&image, 1024 * 1024 + 512, seed);
-        make_bundle(
-            &image,
-            &format!("{v}.0"),
-            "test-board",
-            &dir.join(format!("v{v}.abup")),
-        );
-    }
-    let key = test_pubkey().display().to_string();
-    let v1 = dir.join("v1.abup").display().to_string();
-    abupdate_ok(&[
-        "disk",
-        "init",
-        &disk,
-        "--slot-size",
-        "4M",
-        "--seed",
-        &v1,
-        "--keyring",
-        &key,
-    ]);
+    let disk = seeded_disk(dir);
     let mut args = install_args(dir.join("v2.abup").to_str().unwrap(), &disk);
     args.extend(["--tries".to_string(), "2".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

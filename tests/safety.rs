@@ -22,30 +22,7 @@ impl Disk {
     fn seeded() -> Disk {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
-        let disk = d.join("disk.img").display().to_string();
-        for (v, seed) in [("1.0", 1), ("2.0", 2)] {
-            let image = d.join(format!("v{v}.img"));
-            make_image(&image, 1024 * 1024 + 512, seed);
-            make_bundle(
-                &image,
-                v,
-                "test-board",
-                &d.join(format!("v{}.abup", &v[..1])),
-            );
-        }
-        let key = test_pubkey().display().to_string();
-        let v1 = d.join("v1.abup").display().to_string();
-        abupdate_ok(&[
-            "disk",
-            "init",
-            &disk,
-            "--slot-size",
-            "4M",
-            "--seed",
-            &v1,
-            "--keyring",
-            &key,
-        ]);
+        let disk = seeded_disk(&d);
         Disk {
             _dir: dir,
             dir: d,

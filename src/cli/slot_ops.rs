@@ -69,7 +69,8 @@ pub struct MarkBadArgs {
     pub disk: DiskFlags,
     #[command(flatten)]
     pub slot: SlotArg,
-    /// Mark it bad even if no other slot is bootable (the device will not boot).
+    /// Mark it bad even if it is the last bootable slot (the device will not boot), or the
+    /// last committed one while the other slot is only on trial.
     #[arg(long)]
     pub force: bool,
     /// Machine-readable output.

@@ -293,6 +293,37 @@ pub fn partition_range(disk: &str, n: u32) -> (u64, u64) {
     (first * 512, (last - first + 1) * 512)
 }
 
+/// `disk init --seed` in `dir`: `dir/disk.img` (4 MiB slots) with v1.0 (and its slot record)
+/// in ROOT-A, the only good slot, and ROOT-B empty; bundles `dir/v1.abup` and `dir/v2.abup`
+/// (version 2.0) of two different 1 MiB images. Returns the disk's path.
+pub fn seeded_disk(dir: &Path) -> String {
+    let disk = dir.join("disk.img").display().to_string();
+    for (v, seed) in [("1", 1), ("2", 2)] {
+        let image = dir.join(format!("v{v}.img"));
+        make_image(&image, 1024 * 1024 + 512, seed);
+        make_bundle(
+            &image,
+            &format!("{v}.0"),
+            "test-board",
+            &dir.join(format!("v{v}.abup")),
+        );
+    }
+    let key = test_pubkey().display().to_string();
+    let v1 = dir.join("v1.abup").display().to_string();
+    abupdate_ok(&[
+        "disk",
+        "init",
+        &disk,
+        "--slot-size",
+        "4M",
+        "--seed",
+        &v1,
+        "--keyring",
+        &key,
+    ]);
+    disk
+}
+
 /// Arguments of `abupdate install SOURCE --disk DISK` with the test key, compatible
 /// `test-board` and no sentinel: how the tests install.
 pub fn install_args(source: &str, disk: &str) -> Vec<String> {
