@@ -272,6 +272,38 @@ fn wrong_sizes_and_sector_sizes_and_corrupt_tables() {
         );
         assert!(!small.exists());
     }
+    // A boot-chain disk whose loader file is missing is refused before anything is created.
+    expect_error(
+        &[
+            "disk",
+            "init",
+            small.to_str().unwrap(),
+            "--slot-size",
+            "4M",
+            "--kernel-size",
+            "1M",
+            "--efi",
+            "/nonexistent/BOOTX64.EFI",
+        ],
+        1,
+        "/nonexistent/BOOTX64.EFI",
+        None,
+    );
+    assert!(!small.exists());
+    // --efi and --esp-size only make sense with the boot chain (--kernel-size): usage error.
+    for flag in [["--efi", "/x.efi"], ["--esp-size", "8M"]] {
+        let out = abupdate(&[
+            "disk",
+            "init",
+            small.to_str().unwrap(),
+            "--slot-size",
+            "4M",
+            flag[0],
+            flag[1],
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{flag:?}");
+        assert!(!small.exists());
+    }
     // An existing file is never overwritten.
     expect_error(
         &["disk", "init", &f.disk, "--slot-size", "4M"],

@@ -104,20 +104,24 @@ fn make_esp(dir: &Path, name: &str, loader: &Path) -> PathBuf {
 /// Starts OVMF with the ESP as the first disk and the A/B disk as the second; the console
 /// (mirrored to serial) comes out on stdout.
 fn start_vm(dir: &Path, esp: &Path, disk: &str) -> Child {
+    start_vm_with(dir, &[&esp.display().to_string(), disk])
+}
+
+/// Starts OVMF with these raw drives, in order.
+fn start_vm_with(dir: &Path, drives: &[&str]) -> Child {
     let vars = dir.join("vars.fd");
     std::fs::copy(OVMF_VARS, &vars).unwrap();
-    Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35", "-accel", "tcg", "-m", "256"])
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-machine", "q35", "-accel", "tcg", "-m", "256"])
         .args(["-nographic", "-no-reboot", "-net", "none"])
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
         .arg("-drive")
-        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-        .arg("-drive")
-        .arg(format!("format=raw,file={}", esp.display()))
-        .arg("-drive")
-        .arg(format!("format=raw,file={disk}"))
-        .stdin(Stdio::null())
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+    for drive in drives {
+        qemu.arg("-drive").arg(format!("format=raw,file={drive}"));
+    }
+    qemu.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -146,6 +150,11 @@ fn loader_lines(child: &mut Child) -> mpsc::Receiver<String> {
 fn boot(dir: &Path, esp: &Path, disk: &str) -> String {
     let mut child = start_vm(dir, esp, disk);
     let lines = loader_lines(&mut child);
+    finish(child, lines)
+}
+
+/// Waits for the VM to power off and returns the loader's last line.
+fn finish(mut child: Child, lines: mpsc::Receiver<String>) -> String {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = None;
     loop {
@@ -172,6 +181,71 @@ fn disk_with_a_trial(dir: &Path) -> String {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     abupdate_ok(&args);
     disk
+}
+
+/// Boots the VM with `disk` as its only drive (its own ESP) and returns the loader's last line.
+fn boot_single_disk(dir: &Path, disk: &str) -> String {
+    let mut child = start_vm_with(dir, &[disk]);
+    let lines = loader_lines(&mut child);
+    finish(child, lines)
+}
+
+#[test]
+fn efi_disk_init_with_a_boot_chain_is_booted_by_the_firmware() {
+    if !have_gpt_tools() {
+        return;
+    }
+    let Some(l) = loaders() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img").display().to_string();
+    let loader = l.shipped.display().to_string();
+    abupdate_ok(&[
+        "disk",
+        "init",
+        &disk,
+        "--slot-size",
+        "4M",
+        "--kernel-size",
+        "1M",
+        "--efi",
+        &loader,
+    ]);
+    assert_sgdisk_clean(&disk);
+    // ChromeOS order and types; cgpt names the kernel partitions' type itself.
+    let table = tool_ok("cgpt", &["show", &disk]);
+    for (n, label) in ["EFI-SYSTEM", "KERN-A", "ROOT-A", "KERN-B", "ROOT-B"]
+        .iter()
+        .enumerate()
+    {
+        let i = (n + 1).to_string();
+        assert_eq!(tool_ok("cgpt", &["show", "-i", &i, "-l", &disk]), *label);
+    }
+    assert!(table.contains("EFI System Partition"), "{table}");
+    assert_eq!(table.matches("ChromeOS kernel").count(), 2, "{table}");
+    // Attributes live on the ROOT partitions only.
+    assert_eq!(cgpt_fields(&disk, 2), (0, 0, false));
+    assert_eq!(cgpt_fields(&disk, 3), (2, 0, true));
+    // The ESP is a FAT file system fsck finds clean, holding the loader byte for byte.
+    let (first, len) = partition_range(&disk, 1);
+    let esp = dir.path().join("esp.img");
+    let bytes = std::fs::read(&disk).unwrap();
+    std::fs::write(&esp, &bytes[first as usize..(first + len) as usize]).unwrap();
+    let (clean, report) = tool("fsck.vfat", &["-n", esp.to_str().unwrap()]);
+    assert!(clean, "fsck.vfat: {report}");
+    let copy = dir.path().join("copy.efi");
+    tool_ok(
+        "mcopy",
+        &[
+            "-i",
+            esp.to_str().unwrap(),
+            "::/EFI/BOOT/BOOTX64.EFI",
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(sha256_file(&copy), sha256_file(&l.shipped));
+    // Firmware boots the disk on its own: the loader finds its slots on the same disk.
+    let line = boot_single_disk(dir.path(), &disk);
+    assert!(line.contains("chose ROOT-A"), "{line}");
 }
 
 #[test]

@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use super::bundle::parse_size;
-use crate::disk::init::{create_disk_image, InitSpec};
+use crate::disk::init::{create_disk_image, BootChain, InitSpec, DEFAULT_ESP_BYTES};
 use crate::disk::slots::DiskSpec;
 use crate::disk::slots::DEFAULT_LABELS;
 use crate::layout::SlotLabels;
@@ -44,6 +44,16 @@ pub struct InitArgs {
     /// Trusted key file or directory for --seed.
     #[arg(long)]
     pub keyring: Option<PathBuf>,
+    /// Add the boot chain for abupdate's UEFI loader: an EFI system partition and a kernel
+    /// partition of this size per slot (KERN-A, KERN-B), ChromeOS style.
+    #[arg(long, value_parser = parse_size)]
+    pub kernel_size: Option<u64>,
+    /// Size of the EFI system partition (FAT) [default: 32M].
+    #[arg(long, value_parser = parse_size, requires = "kernel_size")]
+    pub esp_size: Option<u64>,
+    /// The UEFI loader to put on the EFI system partition as \EFI\BOOT\BOOTX64.EFI.
+    #[arg(long, requires = "kernel_size")]
+    pub efi: Option<PathBuf>,
 }
 
 /// Runs a `disk` subcommand.
@@ -62,17 +72,31 @@ fn init(args: InitArgs) -> Result<()> {
         type_guid,
         seed,
         keyring,
+        kernel_size,
+        esp_size,
+        efi,
     } = args;
     let labels = SlotLabels::new(labels)?;
     let [a, b] = labels.as_slice() else {
         unreachable!("SlotLabels holds two labels")
     };
+    let loader = efi
+        .map(|path| {
+            std::fs::read(&path).with_context(|| format!("reading the loader {}", path.display()))
+        })
+        .transpose()?;
+    let boot_chain = kernel_size.map(|kernel_size| BootChain {
+        esp_size: esp_size.unwrap_or(DEFAULT_ESP_BYTES),
+        kernel_size,
+        loader,
+    });
     let spec = InitSpec {
         slot_size,
         disk_size,
         sector_size,
         labels: [a.clone(), b.clone()],
         type_guid,
+        boot_chain,
     };
     create_disk_image(&file, &spec)?;
     println!(

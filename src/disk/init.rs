@@ -3,6 +3,12 @@
 //! Creation uses the `gpt` crate (it writes both copies and the entry CRCs correctly, and
 //! compaction does not matter on an empty table); the protective MBR comes from the same crate
 //! because Linux ignores a GPT without one.
+//!
+//! With a boot chain ([`BootChain`]) the disk also gets what firmware needs to boot it through
+//! abupdate's UEFI loader, ChromeOS style: an EFI system partition (FAT, made by `mkfs.vfat`
+//! and `mcopy`, the loader at `\EFI\BOOT\BOOTX64.EFI`) and a raw kernel partition per
+//! slot, paired by suffix (`KERN-A` with `ROOT-A`). The order is EFI-SYSTEM, KERN-A, ROOT-A,
+//! KERN-B, ROOT-B. The slot attributes stay on the ROOT partitions; KERN partitions carry none.
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
@@ -23,6 +29,29 @@ pub const CHROMEOS_KERNEL: &str = "FE3A2A5D-4F32-41A7-B725-ACCC3285A309";
 pub const ALIGN_BYTES: u64 = 1 << 20;
 /// Spare room left after the slots for later partitions (state, data).
 pub const DEFAULT_SPARE_BYTES: u64 = 16 << 20;
+/// EFI system partition type.
+pub const EFI_SYSTEM: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+/// Label of the EFI system partition.
+pub const ESP_LABEL: &str = "EFI-SYSTEM";
+/// Default size of the EFI system partition: FAT16, room for the loader many times over.
+pub const DEFAULT_ESP_BYTES: u64 = 32 << 20;
+
+/// The boot-chain partitions of a disk the UEFI loader boots.
+#[derive(Debug, Clone)]
+pub struct BootChain {
+    /// Size of the EFI system partition.
+    pub esp_size: u64,
+    /// Size of each kernel partition.
+    pub kernel_size: u64,
+    /// The loader to install as `\EFI\BOOT\BOOTX64.EFI` (the ESP is left empty without one).
+    pub loader: Option<Vec<u8>>,
+}
+
+/// The kernel partition paired with slot `label`: `KERN-` and the label's suffix after its
+/// last `-` (`ROOT-A` → `KERN-A`), or the whole label when it has none.
+pub fn kernel_label(label: &str) -> String {
+    format!("KERN-{}", label.rsplit('-').next().unwrap_or(label))
+}
 
 /// What to create.
 #[derive(Debug, Clone)]
@@ -37,6 +66,8 @@ pub struct InitSpec {
     pub labels: [String; 2],
     /// Partition type GUID of the slots.
     pub type_guid: String,
+    /// The ESP and kernel partitions, for disks booted through the UEFI loader.
+    pub boot_chain: Option<BootChain>,
 }
 
 impl InitSpec {
@@ -48,6 +79,41 @@ impl InitSpec {
             sector_size: 512,
             labels: ["ROOT-A".into(), "ROOT-B".into()],
             type_guid: LINUX_ROOT_X86_64.into(),
+            boot_chain: None,
+        }
+    }
+
+    /// The partitions in table order: (label, type GUID, size in bytes, attribute bits).
+    fn partitions(&self) -> Vec<(String, &str, u64, u64)> {
+        let a = SlotAttributes::new(2, 0, true).raw();
+        let b = SlotAttributes::new(0, 0, false).raw();
+        let slot = |i: usize, attrs| {
+            (
+                self.labels[i].clone(),
+                &*self.type_guid,
+                self.slot_size,
+                attrs,
+            )
+        };
+        match &self.boot_chain {
+            None => vec![slot(0, a), slot(1, b)],
+            Some(chain) => {
+                let kernel = |i: usize| {
+                    (
+                        kernel_label(&self.labels[i]),
+                        CHROMEOS_KERNEL,
+                        chain.kernel_size,
+                        0,
+                    )
+                };
+                vec![
+                    (ESP_LABEL.into(), EFI_SYSTEM, chain.esp_size, 0),
+                    kernel(0),
+                    slot(0, a),
+                    kernel(1),
+                    slot(1, b),
+                ]
+            }
         }
     }
 
@@ -56,11 +122,10 @@ impl InitSpec {
     pub fn effective_disk_size(&self) -> Option<u64> {
         let size = match self.disk_size {
             Some(size) => size,
-            None => self
-                .slot_size
-                .checked_next_multiple_of(ALIGN_BYTES)?
-                .checked_mul(2)?
-                .checked_add(2 * ALIGN_BYTES + DEFAULT_SPARE_BYTES)?,
+            None => self.partitions().iter().try_fold(
+                2 * ALIGN_BYTES + DEFAULT_SPARE_BYTES,
+                |sum, (_, _, size, _)| sum.checked_add(size.checked_next_multiple_of(ALIGN_BYTES)?),
+            )?,
         };
         size.checked_next_multiple_of(u64::from(self.sector_size.max(1)))
     }
@@ -126,8 +191,6 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
             )))
         }
     };
-    let uuid = uuid::Uuid::from_str(&spec.type_guid)
-        .map_err(|e| InitError::Invalid(format!("type GUID {}: {e}", spec.type_guid)))?;
     let ss = u64::from(spec.sector_size);
     let too_large = || {
         let disk = spec
@@ -139,13 +202,20 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
         ))
     };
     let disk_size = spec.effective_disk_size().ok_or_else(too_large)?;
-    let slot_sectors = spec.slot_size.div_ceil(ss);
     let align = ALIGN_BYTES / ss;
-    // Both slots aligned, plus the backup array (32 sectors at 512 B, 4 at 4 KiB) and header.
-    let needed = slot_sectors
-        .checked_next_multiple_of(align)
-        .and_then(|s| s.checked_mul(2))
-        .and_then(|s| s.checked_add(align + 16384 / ss + 1))
+    let partitions = spec.partitions();
+    if partitions.iter().any(|(_, _, size, _)| *size == 0) {
+        return Err(InitError::Invalid(
+            "partition sizes must be greater than zero".into(),
+        ));
+    }
+    // Every partition aligned, plus the backup array (32 sectors at 512 B, 4 at 4 KiB) and
+    // header.
+    let needed = partitions
+        .iter()
+        .try_fold(align + 16384 / ss + 1, |sum, (_, _, size, _)| {
+            sum.checked_add(size.div_ceil(ss).checked_next_multiple_of(align)?)
+        })
         .ok_or_else(too_large)?;
     if disk_size / ss < needed {
         return Err(InitError::TooSmall {
@@ -153,6 +223,13 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
             slot_size: spec.slot_size,
         });
     }
+    let types = partitions
+        .iter()
+        .map(|(_, guid, _, _)| {
+            uuid::Uuid::from_str(guid)
+                .map_err(|e| InitError::Invalid(format!("type GUID {guid}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
     let mut file = OpenOptions::new()
         .read(true)
@@ -186,26 +263,28 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
             .logical_block_size(block)
             .create_from_device(&mut file, None)
             .map_err(gpt_err)?;
-        let part_type = Type {
-            guid: uuid,
-            os: OperatingSystem::Custom("abupdate".into()),
-        };
-        let a = SlotAttributes::new(2, 0, true).raw();
-        let b = SlotAttributes::new(0, 0, false).raw();
-        let b_start = align + slot_sectors.next_multiple_of(align);
-        disk.add_partition_at(
-            &spec.labels[0],
-            1,
-            align,
-            slot_sectors,
-            part_type.clone(),
-            a,
-        )
-        .map_err(gpt_err)?;
-        disk.add_partition_at(&spec.labels[1], 2, b_start, slot_sectors, part_type, b)
-            .map_err(gpt_err)?;
+        let mut start = align;
+        let mut esp_offset = None;
+        for (n, ((label, _, size, attrs), guid)) in partitions.iter().zip(&types).enumerate() {
+            let sectors = size.div_ceil(ss);
+            let part_type = Type {
+                guid: *guid,
+                os: OperatingSystem::Custom("abupdate".into()),
+            };
+            disk.add_partition_at(label, n as u32 + 1, start, sectors, part_type, *attrs)
+                .map_err(gpt_err)?;
+            if label == ESP_LABEL {
+                esp_offset = Some(start * ss);
+            }
+            start += sectors.next_multiple_of(align);
+        }
         disk.write_inplace().map_err(gpt_err)?;
         drop(disk);
+        if let (Some(chain), Some(offset)) = (&spec.boot_chain, esp_offset) {
+            let esp = format_esp(chain, spec.sector_size, path)?;
+            file.seek(SeekFrom::Start(offset)).map_err(io)?;
+            file.write_all(&esp).map_err(io)?;
+        }
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         file.flush().map_err(io)?;
         file.sync_all().map_err(io)?;
@@ -215,6 +294,68 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// The EFI system partition's bytes: a FAT file system made by `mkfs.vfat` (Debian's
+/// `dosfstools`; it picks FAT16 or FAT32 from the size) holding the loader, copied by `mcopy`
+/// (`mtools`, no mount needed), at the removable-media path firmware boots without any boot
+/// entry. Why the tools and not a crate: the `fatfs` crate (0.3) writes directory entries that
+/// `fsck.vfat` rejects, and firmware must be able to trust this file system.
+///
+/// The partition is built in `work` (a file next to the disk image, removed afterwards).
+fn format_esp(chain: &BootChain, sector_size: u32, work: &Path) -> Result<Vec<u8>, InitError> {
+    let image = work.with_extension("esp.tmp");
+    let loader_file = work.with_extension("efi.tmp");
+    let result = build_esp(chain, sector_size, &image, &loader_file);
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&loader_file);
+    result
+}
+
+fn build_esp(
+    chain: &BootChain,
+    sector_size: u32,
+    image: &Path,
+    loader_file: &Path,
+) -> Result<Vec<u8>, InitError> {
+    let path = image.display().to_string();
+    let io = |source| InitError::Io {
+        path: path.clone(),
+        source,
+    };
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(image)
+        .and_then(|f| f.set_len(chain.esp_size))
+        .map_err(io)?;
+    let run = |program: &str, args: &[&str]| -> Result<(), InitError> {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .map_err(|e| {
+                InitError::Invalid(format!(
+                    "cannot run {program} to make the EFI system partition ({e}); install \
+                     Debian's dosfstools and mtools"
+                ))
+            })?;
+        if !out.status.success() {
+            return Err(InitError::Invalid(format!(
+                "{program} failed making the EFI system partition: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    };
+    let sector = sector_size.to_string();
+    run("mkfs.vfat", &["-n", "EFI-SYSTEM", "-S", &sector, &path])?;
+    if let Some(loader) = &chain.loader {
+        std::fs::write(loader_file, loader).map_err(io)?;
+        run("mmd", &["-i", &path, "::/EFI", "::/EFI/BOOT"])?;
+        let file = loader_file.display().to_string();
+        run("mcopy", &["-i", &path, &file, "::/EFI/BOOT/BOOTX64.EFI"])?;
+    }
+    std::fs::read(image).map_err(io)
 }
 
 #[cfg(test)]
@@ -246,5 +387,41 @@ mod tests {
                 Err(InitError::Exists { .. })
             ));
         }
+    }
+
+    #[test]
+    fn kernel_partitions_pair_with_slots_by_suffix() {
+        assert_eq!(kernel_label("ROOT-A"), "KERN-A");
+        assert_eq!(kernel_label("ROOT-B"), "KERN-B");
+        assert_eq!(kernel_label("usr-b"), "KERN-b");
+        assert_eq!(kernel_label("system"), "KERN-system");
+    }
+
+    #[test]
+    fn boot_chain_layout_is_the_chromeos_order_with_attributes_on_the_slots_only() {
+        let mut spec = InitSpec::new(8 << 20);
+        spec.boot_chain = Some(BootChain {
+            esp_size: DEFAULT_ESP_BYTES,
+            kernel_size: 2 << 20,
+            loader: None,
+        });
+        let parts = spec.partitions();
+        let labels: Vec<&str> = parts.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["EFI-SYSTEM", "KERN-A", "ROOT-A", "KERN-B", "ROOT-B"]
+        );
+        let attrs: Vec<u64> = parts.iter().map(|p| p.3).collect();
+        assert_eq!(attrs[0] | attrs[1] | attrs[3], 0);
+        assert_eq!(attrs[2], SlotAttributes::new(2, 0, true).raw());
+        // Default size: every partition aligned, two alignments, the spare room.
+        let aligned: u64 = parts
+            .iter()
+            .map(|p| p.2.next_multiple_of(ALIGN_BYTES))
+            .sum();
+        assert_eq!(
+            spec.effective_disk_size(),
+            Some(aligned + 2 * ALIGN_BYTES + DEFAULT_SPARE_BYTES)
+        );
     }
 }
