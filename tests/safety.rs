@@ -599,3 +599,48 @@ fn the_last_committed_slot_cannot_be_demoted_to_a_trial_without_force() {
     assert_eq!(code(&demote(&["--force"])), Some(0));
     assert_eq!(cgpt_fields(&d.disk, 1), (7, 1, false));
 }
+
+/// On a disk with the boot chain a slot is the pair (KERN-x, ROOT-x): a table with a kernel
+/// partition for one slot only, or a "kernel" partition of another type, is refused by every
+/// command (exit 4, the partitions named, the disk unchanged), as sgdisk still reads it fine.
+#[test]
+fn a_kernel_partition_for_one_slot_only_is_refused() {
+    if !have_gpt_tools() || !have("mkfs.vfat (Debian dosfstools)", on_path("mkfs.vfat")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img").display().to_string();
+    abupdate_ok(&[
+        "disk",
+        "init",
+        &disk,
+        "--slot-size",
+        "4M",
+        "--kernel-size",
+        "1M",
+    ]);
+    let status = status_json(&disk, &[]);
+    assert_eq!(status["slots"][0]["kernel_partition"], 2, "{status}");
+    assert_eq!(status["slots"][1]["kernel_partition"], 4, "{status}");
+    for (edit, says) in [
+        (vec!["-c", "4:KERN-X"], "no partition labelled KERN-B"),
+        (vec!["-t", "2:8300"], "not the ChromeOS kernel type"),
+    ] {
+        let broken = dir.path().join("broken.img").display().to_string();
+        std::fs::copy(&disk, &broken).unwrap();
+        let mut args = edit.clone();
+        args.push(&broken);
+        tool_ok("sgdisk", &args);
+        assert_sgdisk_clean(&broken);
+        let before = std::fs::read(&broken).unwrap();
+        for cmd in [
+            &["status", "--disk", &broken][..],
+            &["boot", "--disk", &broken],
+            &["mark-good", "--disk", &broken, "--slot", "A"],
+        ] {
+            let line = refused(&abupdate(cmd), 4);
+            assert!(line.contains(says), "{cmd:?}: {line}");
+        }
+        assert_eq!(std::fs::read(&broken).unwrap(), before, "{edit:?}");
+    }
+}

@@ -17,11 +17,14 @@
 //! - no used entry overlaps another, the protective MBR, or either GPT copy (header or entry
 //!   array, where the attribute writer would write them);
 //! - each label names exactly one used partition, and both slots have the same partition type
-//!   GUID (a data partition is not a slot).
+//!   GUID (a data partition is not a slot);
+//! - on a disk with the boot chain, each slot's kernel partition (`KERN-A` for `ROOT-A`, see
+//!   [`kernel_label`]): both or neither, each exactly one partition of the ChromeOS kernel type.
 //!
 //! The checks are pure functions of the decoded table so they can be tested exhaustively on
 //! synthetic tables, and live in the `no_std` core the boot loader shares.
 
+use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
@@ -195,6 +198,26 @@ pub enum LayoutError {
         /// Partition numbers, comma separated.
         partitions: String,
     },
+    /// One slot has a kernel partition and the other has none.
+    #[error("{present} pairs {slot_with} with a kernel partition but there is no partition labelled {missing} for {slot_without}: a disk has kernel partitions for both slots or for neither")]
+    KernelMissing {
+        /// The kernel partition found.
+        present: Extent,
+        /// Its slot.
+        slot_with: String,
+        /// The label that is missing.
+        missing: String,
+        /// The slot without one.
+        slot_without: String,
+    },
+    /// A partition with a kernel label is not of the ChromeOS kernel type.
+    #[error("{part} has type {found}, not the ChromeOS kernel type {KERNEL_TYPE}")]
+    KernelType {
+        /// The partition.
+        part: Extent,
+        /// Its type GUID.
+        found: Uuid,
+    },
     /// The two slots have different partition type GUIDs.
     #[error("{a} has type {a_type} but {b} has type {b_type}: both slots must be partitions of the same type (a data partition is not a slot)")]
     TypeMismatch {
@@ -209,11 +232,25 @@ pub enum LayoutError {
     },
 }
 
-/// The slots of a validated table: entry indices of A and B (in label order).
+/// The ChromeOS kernel partition type: the type of KERN-A and KERN-B.
+pub const KERNEL_TYPE: Uuid = Uuid::from_u128(0xFE3A2A5D_4F32_41A7_B725_ACCC3285A309);
+
+/// The kernel partition paired with slot `label`: `KERN-` and the label's suffix after its
+/// last `-` (`ROOT-A` → `KERN-A`), or the whole label when it has none. A slot is the pair
+/// (KERN-x, ROOT-x); the attributes stay on the ROOT entry.
+pub fn kernel_label(label: &str) -> String {
+    format!("KERN-{}", label.rsplit('-').next().unwrap_or(label))
+}
+
+/// The slots of a validated table: entry indices of A and B (in label order), and of their
+/// kernel partitions on a disk with the boot chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotEntries {
     /// 0-based entry index of each slot, A first.
     pub index: [usize; 2],
+    /// 0-based entry index of each slot's kernel partition ([`kernel_label`]), when the disk
+    /// has them (both or neither).
+    pub kernel: Option<[usize; 2]>,
 }
 
 /// Validates the whole table and finds the two slots. `entries` are all entries of the
@@ -275,21 +312,7 @@ pub fn validate(
     }
     let mut index = [0usize; 2];
     for (slot, label) in labels.as_slice().iter().enumerate() {
-        let named: Vec<&&Entry> = used.iter().filter(|e| &e.name == label).collect();
-        index[slot] = match named.as_slice() {
-            [] => return Err(LayoutError::Missing(label.clone())),
-            [one] => one.index,
-            many => {
-                return Err(LayoutError::Duplicate {
-                    label: label.clone(),
-                    partitions: many
-                        .iter()
-                        .map(|e| e.number().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })
-            }
-        };
+        index[slot] = find_one(&used, label)?.ok_or_else(|| LayoutError::Missing(label.clone()))?;
     }
     let [a, b] = index.map(|i| &entries[i]);
     if a.type_guid != b.type_guid {
@@ -300,7 +323,64 @@ pub fn validate(
             b_type: b.type_guid,
         });
     }
-    Ok(SlotEntries { index })
+    let kernel = kernel_pair(&used, labels)?;
+    Ok(SlotEntries { index, kernel })
+}
+
+/// The entry index of the one used partition labelled `label`, if any.
+#[allow(clippy::result_large_err)]
+fn find_one(used: &[&Entry], label: &str) -> Result<Option<usize>, LayoutError> {
+    let named: Vec<&&Entry> = used.iter().filter(|e| e.name == label).collect();
+    match named.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.index)),
+        many => Err(LayoutError::Duplicate {
+            label: label.into(),
+            partitions: many
+                .iter()
+                .map(|e| e.number().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+/// Each slot's kernel partition: both or neither, each of the kernel type.
+#[allow(clippy::result_large_err)]
+fn kernel_pair(used: &[&Entry], labels: &SlotLabels) -> Result<Option<[usize; 2]>, LayoutError> {
+    let slots = labels.as_slice();
+    let names = [kernel_label(&slots[0]), kernel_label(&slots[1])];
+    let found = [find_one(used, &names[0])?, find_one(used, &names[1])?];
+    for i in found.iter().flatten() {
+        let e = used
+            .iter()
+            .find(|e| e.index == *i)
+            .expect("found among used");
+        if e.type_guid != KERNEL_TYPE {
+            return Err(LayoutError::KernelType {
+                part: Extent::from(*e),
+                found: e.type_guid,
+            });
+        }
+    }
+    match found {
+        [None, None] => Ok(None),
+        [Some(a), Some(b)] => Ok(Some([a, b])),
+        [one, _] => {
+            let (with, without) = if one.is_some() { (0, 1) } else { (1, 0) };
+            let present = found[with].expect("one of the two");
+            let e = used
+                .iter()
+                .find(|e| e.index == present)
+                .expect("found among used");
+            Err(LayoutError::KernelMissing {
+                present: Extent::from(*e),
+                slot_with: slots[with].clone(),
+                missing: names[without].clone(),
+                slot_without: slots[without].clone(),
+            })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -506,5 +586,41 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn kernel_partitions_pair_by_suffix_both_or_neither_of_the_kernel_type() {
+        let labels = SlotLabels::default();
+        let g = geometry();
+        let a = entry(0, "ROOT-A", 100, 199, ROOT);
+        let b = entry(1, "ROOT-B", 200, 299, ROOT);
+        // No kernel partitions: a plain A/B disk.
+        let plain = validate(&[a.clone(), b.clone()], &g, &labels).unwrap();
+        assert_eq!(plain.kernel, None);
+        // Both: paired by suffix, whatever their order in the table.
+        let kb = entry(2, "KERN-B", 300, 349, KERNEL_TYPE);
+        let ka = entry(3, "KERN-A", 350, 399, KERNEL_TYPE);
+        let both = validate(&[a.clone(), b.clone(), kb.clone(), ka.clone()], &g, &labels).unwrap();
+        assert_eq!(both.kernel, Some([3, 2]));
+        // Only one: refused, naming the one there and the one missing.
+        let err = validate(&[a.clone(), b.clone(), ka.clone()], &g, &labels).unwrap_err();
+        assert!(matches!(err, LayoutError::KernelMissing { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("KERN-B") && text.contains("ROOT-B"), "{text}");
+        // A data partition that happens to be called KERN-A is not a kernel partition.
+        let fake = entry(3, "KERN-A", 350, 399, DATA);
+        let err = validate(&[a.clone(), b.clone(), kb.clone(), fake], &g, &labels).unwrap_err();
+        assert!(matches!(err, LayoutError::KernelType { .. }), "{err}");
+        // Two KERN-A: refused like two ROOT-A.
+        let twice = entry(4, "KERN-A", 400, 449, KERNEL_TYPE);
+        let err = validate(&[a, b, kb, ka, twice], &g, &labels).unwrap_err();
+        assert!(matches!(err, LayoutError::Duplicate { .. }), "{err}");
+    }
+
+    #[test]
+    fn kernel_labels_take_the_slot_suffix() {
+        assert_eq!(kernel_label("ROOT-A"), "KERN-A");
+        assert_eq!(kernel_label("usr-b"), "KERN-b");
+        assert_eq!(kernel_label("system"), "KERN-system");
     }
 }

@@ -20,6 +20,7 @@ use gpt::mbr::ProtectiveMBR;
 use gpt::partition_types::{OperatingSystem, Type};
 
 use crate::attrs::SlotAttributes;
+use crate::layout::kernel_label;
 
 /// Linux root (x86-64) from the Discoverable Partitions Specification: the default slot type.
 pub const LINUX_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
@@ -45,12 +46,6 @@ pub struct BootChain {
     pub kernel_size: u64,
     /// The loader to install as `\EFI\BOOT\BOOTX64.EFI` (the ESP is left empty without one).
     pub loader: Option<Vec<u8>>,
-}
-
-/// The kernel partition paired with slot `label`: `KERN-` and the label's suffix after its
-/// last `-` (`ROOT-A` → `KERN-A`), or the whole label when it has none.
-pub fn kernel_label(label: &str) -> String {
-    format!("KERN-{}", label.rsplit('-').next().unwrap_or(label))
 }
 
 /// What to create.
@@ -387,14 +382,6 @@ mod tests {
                 Err(InitError::Exists { .. })
             ));
         }
-    }
-
-    #[test]
-    fn kernel_partitions_pair_with_slots_by_suffix() {
-        assert_eq!(kernel_label("ROOT-A"), "KERN-A");
-        assert_eq!(kernel_label("ROOT-B"), "KERN-B");
-        assert_eq!(kernel_label("usr-b"), "KERN-b");
-        assert_eq!(kernel_label("system"), "KERN-system");
     }
 
     #[test]

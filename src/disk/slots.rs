@@ -101,6 +101,8 @@ pub struct Slot {
     pub entry: Entry,
     /// The attribute field.
     pub attrs: SlotAttributes,
+    /// Its kernel partition (`KERN-x`), on a disk with the boot chain.
+    pub kernel: Option<Entry>,
 }
 
 impl Slot {
@@ -191,10 +193,12 @@ impl<D: BlockDevice> AbDisk<D> {
             .index
             .iter()
             .zip(self.labels.as_slice())
-            .map(|(&i, label)| Slot {
+            .enumerate()
+            .map(|(n, (&i, label))| Slot {
                 name: label.clone(),
                 entry: entries[i].clone(),
                 attrs: SlotAttributes::from_raw(entries[i].attributes),
+                kernel: self.slots.kernel.map(|k| entries[k[n]].clone()),
             })
             .collect();
         slots.sort_by_key(|s| s.entry.index);
@@ -257,6 +261,7 @@ impl<D: BlockDevice> AbDisk<D> {
                     running: false,
                     size_bytes: s.size_bytes(sector_size),
                     version: None,
+                    kernel_partition: s.kernel.as_ref().map(Entry::number),
                 })
                 .collect(),
             next_boot: next.map(|i| slots[i].name.clone()),
@@ -293,6 +298,9 @@ pub struct SlotStatus {
     pub size_bytes: u64,
     /// Installed image version, when recorded.
     pub version: Option<String>,
+    /// The slot's kernel partition number (`KERN-x`), on a disk with the boot chain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_partition: Option<u32>,
 }
 
 /// The full status report of a disk.
@@ -329,7 +337,7 @@ impl std::fmt::Display for Status {
             if s.running {
                 marks.push("running");
             }
-            writeln!(
+            write!(
                 f,
                 "{:<8} partition {:<2} PARTUUID {} priority {:<2} tries {:<2} successful {} version {} {}",
                 s.name,
@@ -341,6 +349,10 @@ impl std::fmt::Display for Status {
                 s.version.as_deref().unwrap_or("-"),
                 marks.join(",")
             )?;
+            match s.kernel_partition {
+                Some(k) => writeln!(f, " kernel partition {k}")?,
+                None => writeln!(f)?,
+            }
         }
         for g in &self.gpt {
             let state = match (&g.problem, g.valid) {
