@@ -11,7 +11,6 @@ use std::path::Path;
 use crate::disk::blockdev::BlockDevice;
 use crate::disk::slots::{partition_device_path, AbDisk, Slot, SlotError};
 use crate::install::slotio::SlotBacking;
-use crate::install::InstallError;
 
 /// How the running slot was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -149,21 +148,4 @@ pub fn find<D: BlockDevice + SlotBacking>(
             })
         }
     })
-}
-
-/// The running slot ([`find`] with the next-boot fallback) and the target an install
-/// writes: the other slot.
-pub fn running_and_target<D: BlockDevice + SlotBacking>(
-    disk: &AbDisk<D>,
-    slots: &[Slot],
-    explicit: Option<&str>,
-) -> Result<(Running, usize), InstallError> {
-    let running =
-        find(disk, slots, explicit, Fallback::NextBoot)?.ok_or(InstallError::NoRunningSlot)?;
-    let target = (0..slots.len())
-        .find(|&i| i != running.index)
-        .ok_or_else(|| InstallError::TargetIsRunning {
-            slot: slots[running.index].name.clone(),
-        })?;
-    Ok((running, target))
 }

@@ -13,7 +13,6 @@ use crate::bundle::{BundleError, BundleSource, KeyError, Keyring};
 use crate::config::Strategy;
 use crate::disk::blockdev::FileDevice;
 use crate::disk::record;
-use crate::disk::running;
 use crate::disk::slots::{AbDisk, DiskSpec, OpenDiskError};
 use crate::exit::Exit;
 use crate::fetch::channel::{ChannelError, Downloaded, Found, SlotView, Verdict};
@@ -260,7 +259,7 @@ fn inspect_node(
 ) -> Result<Node, UpdateError> {
     let slots = disk.slots()?;
     let attrs: Vec<_> = slots.iter().map(|s| s.attrs).collect();
-    let (running, other) = running::running_and_target(disk, &slots, running)?;
+    let (running, other) = crate::install::running_and_target(disk, &slots, running)?;
     let running = running.index;
     let sector_size = disk.gpt.sector_size();
     let records: Vec<_> = slots

@@ -33,9 +33,10 @@ use sha2::{Digest, Sha256};
 
 use crate::attrs::SlotAttributes;
 use crate::bundle::{BundleError, BundleReader, BundleSource, Keyring};
+use crate::disk::blockdev::BlockDevice;
 use crate::disk::record::{self, SlotRecord, RECORD_BYTES};
 use crate::disk::running;
-use crate::disk::slots::{AbDisk, SlotError};
+use crate::disk::slots::{AbDisk, Slot, SlotError};
 use crate::select;
 use adaptive::{ChunkSource, Plan};
 use slotio::{ReadOnlyView, SlotBacking, SlotIo, SlotIoError, SlotTarget};
@@ -218,7 +219,7 @@ pub fn install<D: SlotBacking, R: BundleSource>(
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
 
     // 1. Running and target slots.
-    let (found, target) = running::running_and_target(disk, &slots, options.running.as_deref())?;
+    let (found, target) = running_and_target(disk, &slots, options.running.as_deref())?;
     let (running, source) = (found.index, found.source);
     let source_text = source.as_str().to_string();
     if select::check_install_target(&attrs, target).is_err() {
@@ -680,4 +681,21 @@ pub fn seed_slot<D: SlotBacking, R: BundleSource>(
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
     disk.write_slot_attributes(&slots, &select::mark_good(&attrs, target))?;
     Ok(written)
+}
+
+/// The running slot ([`running::find`] with the next-boot fallback) and the target an install
+/// writes: the other slot.
+pub fn running_and_target<D: BlockDevice + SlotBacking>(
+    disk: &AbDisk<D>,
+    slots: &[Slot],
+    explicit: Option<&str>,
+) -> Result<(running::Running, usize), InstallError> {
+    let running = running::find(disk, slots, explicit, running::Fallback::NextBoot)?
+        .ok_or(InstallError::NoRunningSlot)?;
+    let target = (0..slots.len())
+        .find(|&i| i != running.index)
+        .ok_or_else(|| InstallError::TargetIsRunning {
+            slot: slots[running.index].name.clone(),
+        })?;
+    Ok((running, target))
 }
