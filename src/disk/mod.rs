@@ -6,7 +6,8 @@
 //! - [`slots`]: [`slots::AbDisk`], the one validated view of an A/B disk every command opens.
 //! - [`record`]: the slot record (what is installed) as stored in a slot, and checking a
 //!   slot's content against it.
-//! - [`running`]: which slot is running, and so which one an install targets.
+//! - [`running`]: which slot is running (the install targets the other one:
+//!   [`crate::install::running_and_target`]).
 //! - [`init`]: `disk init`, a fresh file-backed A/B disk.
 //! - [`lock`]: every file naming the same storage, for the disk lock.
 //! - [`sys`]: the only module with `unsafe` (ioctls, `flock`, aligned buffers).
