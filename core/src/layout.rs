@@ -312,7 +312,9 @@ pub fn validate(
     }
     let mut index = [0usize; 2];
     for (slot, label) in labels.as_slice().iter().enumerate() {
-        index[slot] = find_one(&used, label)?.ok_or_else(|| LayoutError::Missing(label.clone()))?;
+        index[slot] = find_one(&used, label)?
+            .ok_or_else(|| LayoutError::Missing(label.clone()))?
+            .index;
     }
     let [a, b] = index.map(|i| &entries[i]);
     if a.type_guid != b.type_guid {
@@ -327,13 +329,13 @@ pub fn validate(
     Ok(SlotEntries { index, kernel })
 }
 
-/// The entry index of the one used partition labelled `label`, if any.
+/// The one used partition labelled `label`, if any.
 #[allow(clippy::result_large_err)]
-fn find_one(used: &[&Entry], label: &str) -> Result<Option<usize>, LayoutError> {
-    let named: Vec<&&Entry> = used.iter().filter(|e| e.name == label).collect();
+fn find_one<'a>(used: &[&'a Entry], label: &str) -> Result<Option<&'a Entry>, LayoutError> {
+    let named: Vec<&'a Entry> = used.iter().copied().filter(|e| e.name == label).collect();
     match named.as_slice() {
         [] => Ok(None),
-        [one] => Ok(Some(one.index)),
+        [one] => Ok(Some(*one)),
         many => Err(LayoutError::Duplicate {
             label: label.into(),
             partitions: many
@@ -351,11 +353,7 @@ fn kernel_pair(used: &[&Entry], labels: &SlotLabels) -> Result<Option<[usize; 2]
     let slots = labels.as_slice();
     let names = [kernel_label(&slots[0]), kernel_label(&slots[1])];
     let found = [find_one(used, &names[0])?, find_one(used, &names[1])?];
-    for i in found.iter().flatten() {
-        let e = used
-            .iter()
-            .find(|e| e.index == *i)
-            .expect("found among used");
+    for e in found.iter().flatten() {
         if e.type_guid != KERNEL_TYPE {
             return Err(LayoutError::KernelType {
                 part: Extent::from(*e),
@@ -365,16 +363,16 @@ fn kernel_pair(used: &[&Entry], labels: &SlotLabels) -> Result<Option<[usize; 2]
     }
     match found {
         [None, None] => Ok(None),
-        [Some(a), Some(b)] => Ok(Some([a, b])),
-        [one, _] => {
-            let (with, without) = if one.is_some() { (0, 1) } else { (1, 0) };
-            let present = found[with].expect("one of the two");
-            let e = used
-                .iter()
-                .find(|e| e.index == present)
-                .expect("found among used");
+        [Some(a), Some(b)] => Ok(Some([a.index, b.index])),
+        [a, b] => {
+            let (with, present) = match (a, b) {
+                (Some(e), _) => (0, e),
+                (_, Some(e)) => (1, e),
+                (None, None) => unreachable!("matched above"),
+            };
+            let without = 1 - with;
             Err(LayoutError::KernelMissing {
-                present: Extent::from(*e),
+                present: Extent::from(present),
                 slot_with: slots[with].clone(),
                 missing: names[without].clone(),
                 slot_without: slots[without].clone(),

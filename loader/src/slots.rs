@@ -90,19 +90,14 @@ pub fn choose_and_spend_try() -> Result<Choice, String> {
             .map_err(|e| format!("disk {n}: partition table refused: {e}"))?;
         return spend_try(&mut disk, table, slots, n);
     }
-    Err(if refusals.is_empty() {
-        format!(
-            "no disk has partitions labelled {} and {}",
-            LABELS[0], LABELS[1]
-        )
-    } else {
-        format!(
-            "no disk has partitions labelled {} and {} ({})",
-            LABELS[0],
-            LABELS[1],
-            refusals.join("; ")
-        )
-    })
+    let mut why = format!(
+        "no disk has partitions labelled {} and {}",
+        LABELS[0], LABELS[1]
+    );
+    if !refusals.is_empty() {
+        why = format!("{why} ({})", refusals.join("; "));
+    }
+    Err(why)
 }
 
 fn spend_try(

@@ -40,10 +40,10 @@ pub struct Fetched {
 /// clone; clones share the connection pool and the statistics.
 #[derive(Clone)]
 pub struct Fetcher {
-    pub(super) agent: ureq::Agent,
+    agent: ureq::Agent,
     pub(super) options: FetchOptions,
-    pub(super) events: Option<EventSink>,
-    pub(super) cancel: Option<Arc<AtomicBool>>,
+    events: Option<EventSink>,
+    cancel: Option<Arc<AtomicBool>>,
     pub(super) stats: Arc<FetchStats>,
 }
 
@@ -261,7 +261,7 @@ impl Fetcher {
         unreachable!("the hop counter is unbounded")
     }
 
-    pub(super) fn get_bytes_once(&self, url: &str, limit: u64) -> Result<Fetched, HttpError> {
+    fn get_bytes_once(&self, url: &str, limit: u64) -> Result<Fetched, HttpError> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let resp = self.get(url, &[])?;
         let status = resp.status().as_u16();
@@ -299,7 +299,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn backoff_doubles_and_is_capped() {
+    fn backoff_doubles_and_is_capped() {
         let f = Fetcher::new(FetchOptions {
             retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_millis(500),
