@@ -128,7 +128,9 @@ pub fn classify_error(err: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             | InstallError::Incompatible { .. }
             | InstallError::TargetIsRunning { .. }
             | InstallError::TargetIsLastGood { .. }
-            | InstallError::CompatibleUnknown { .. } => Exit::Refused,
+            | InstallError::CompatibleUnknown { .. }
+            | InstallError::KernelWithoutPartition { .. }
+            | InstallError::KernelMissing { .. } => Exit::Refused,
         });
     }
     if let Some(e) = err.downcast_ref::<BootError>() {

@@ -149,6 +149,7 @@ fn one_chunk_header(key: &SigningKey, chunk: &[u8], compressed_len: usize) -> Bu
             compressed_len: compressed_len as u32,
             sha256: Sha256::digest(chunk).into(),
         }],
+        payload_offset: None,
     }
 }
 

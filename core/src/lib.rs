@@ -12,6 +12,8 @@
 //!   a crash-safe attribute write (which sectors, in which order, where to flush).
 //! - [`layout`]: the one validated view of a partition table and its two slot labels.
 //! - [`slot_record`]: the per-slot record of what is installed (encoding, decoding).
+//! - [`signed_header`]: the bundle's signed header as the loader checks it (signature under a
+//!   trusted key, the kernel part).
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -23,4 +25,5 @@ pub mod attrs;
 pub mod gpt;
 pub mod layout;
 pub mod select;
+pub mod signed_header;
 pub mod slot_record;

@@ -218,6 +218,12 @@ pub enum BundleError {
         /// The unknown tag (bit 15 set).
         tag: u16,
     },
+    /// The kernel part (critical extension `0x8001`) is malformed.
+    #[error("kernel part (extension 0x8001): {reason}")]
+    InvalidKernelPart {
+        /// What is wrong.
+        reason: String,
+    },
     /// A chunk table entry has an impossible compressed length.
     #[error(
         "chunk table entry {index}: compressed length {compressed_len} is outside 1..={limit}"

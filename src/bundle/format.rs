@@ -17,16 +17,11 @@ use serde::Serialize;
 use super::error::{BundleError, Section};
 use super::keys::{KeyId, Keyring};
 
-/// The first 8 bytes of every bundle.
-pub const MAGIC: [u8; 8] = *b"ABUPBNDL";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
-/// Length of the fixed header prefix.
-pub const FIXED_HEADER_LEN: usize = 80;
-/// Length of one chunk table entry: u32 compressed length + SHA-256.
-pub const CHUNK_ENTRY_LEN: usize = 36;
-/// Length of the ed25519 signature that closes the header.
-pub const SIGNATURE_LEN: usize = 64;
+// The layout constants the boot loader reads too live in the no_std core.
+pub use abupdate_core::signed_header::{
+    CHUNK_ENTRY_LEN, EXTENSION_CRITICAL, EXT_KERNEL, FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC,
+    SIGNATURE_LEN,
+};
 /// Smallest chunk size (64 KiB).
 pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
 /// Largest chunk size (64 MiB).
@@ -39,9 +34,6 @@ pub const MAX_CHUNK_COUNT: u32 = 1 << 20;
 pub const MAX_STRING_LEN: u16 = 255;
 /// Largest extension area, in bytes.
 pub const MAX_EXTENSIONS_LEN: u16 = u16::MAX;
-/// Bit of an extension tag that marks it critical: a reader that does not
-/// know a critical extension must refuse the bundle.
-pub const EXTENSION_CRITICAL: u16 = 0x8000;
 /// Non-critical extension: per chunk, the first [`FIRST_BLOCK_HASH_LEN`] bytes of the SHA-256
 /// of the chunk's first [`FIRST_BLOCK_LEN`] bytes, in chunk order. An adaptive install uses
 /// it to find a chunk in the running slot at any 4 KiB-aligned offset, not only its own
@@ -60,19 +52,13 @@ pub const MAX_HEADER_LEN: u64 = FIXED_HEADER_LEN as u64
     + SIGNATURE_LEN as u64;
 
 // Byte offsets of the fixed header fields (docs/bundle-format.md, "Fixed header").
-const OFF_VERSION: usize = 8;
-const OFF_FLAGS: usize = 10;
-const OFF_HEADER_LEN: usize = 12;
-const OFF_IMAGE_SIZE: usize = 16;
-const OFF_CHUNK_SIZE: usize = 24;
-const OFF_CHUNK_COUNT: usize = 28;
-const OFF_IMAGE_SHA256: usize = 32;
-const OFF_KEY_ID: usize = 64;
-const OFF_COMPRESSION: usize = 72;
-const OFF_RESERVED: usize = 73;
-const OFF_VERSION_LEN: usize = 74;
-const OFF_COMPATIBLE_LEN: usize = 76;
-const OFF_EXTENSIONS_LEN: usize = 78;
+use abupdate_core::signed_header::offset::{
+    CHUNK_COUNT as OFF_CHUNK_COUNT, CHUNK_SIZE as OFF_CHUNK_SIZE,
+    COMPATIBLE_LEN as OFF_COMPATIBLE_LEN, COMPRESSION as OFF_COMPRESSION,
+    EXTENSIONS_LEN as OFF_EXTENSIONS_LEN, FLAGS as OFF_FLAGS, FORMAT_VERSION as OFF_VERSION,
+    HEADER_LEN as OFF_HEADER_LEN, IMAGE_SHA256 as OFF_IMAGE_SHA256, IMAGE_SIZE as OFF_IMAGE_SIZE,
+    KEY_ID as OFF_KEY_ID, RESERVED as OFF_RESERVED, VERSION_LEN as OFF_VERSION_LEN,
+};
 
 /// The largest compressed length allowed for a chunk of `chunk_len`
 /// uncompressed bytes: `len + len/128 + 4096`. It is above zstd's own
@@ -152,6 +138,11 @@ pub struct BundleHeader {
     pub extensions: Vec<Extension>,
     /// The chunk table, one entry per chunk in image order.
     pub chunks: Vec<ChunkEntry>,
+    /// `None` for a bundle's own header (its payload follows the header). `Some(offset)` for
+    /// the view of the kernel part ([`BundleHeader::kernel_view`]): its frames start at this
+    /// bundle offset, after the root image's.
+    #[serde(skip)]
+    pub payload_offset: Option<u64>,
 }
 
 fn ser_hex<S: serde::Serializer, T: AsRef<[u8]>>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -225,17 +216,18 @@ impl BundleHeader {
             .iter()
             .map(|c| c.compressed_len as u64)
             .sum();
-        Ok(self.header_len() + before)
+        Ok(self.payload_offset.unwrap_or_else(|| self.header_len()) + before)
     }
 
-    /// Total length of the payload (sum of compressed frame lengths).
+    /// Total length of this image's payload (sum of compressed frame lengths).
     pub fn payload_len(&self) -> u64 {
         self.chunks.iter().map(|c| c.compressed_len as u64).sum()
     }
 
-    /// Total length of the bundle file.
+    /// Total length of the bundle file: header, the image's frames, the kernel's frames.
     pub fn bundle_len(&self) -> u64 {
-        self.header_len() + self.payload_len()
+        let kernel = self.kernel_view().map_or(0, |k| k.payload_len());
+        self.payload_offset.unwrap_or_else(|| self.header_len()) + self.payload_len() + kernel
     }
 
     /// Encodes and signs the header with `key`. The signer key id written is
@@ -310,6 +302,9 @@ impl BundleHeader {
 pub struct VerifiedHeader {
     header: Arc<BundleHeader>,
     key_id: KeyId,
+    /// The signed header bytes as read (an install keeps them in the slot record, where the
+    /// boot loader verifies them again).
+    signed: Arc<[u8]>,
 }
 
 impl VerifiedHeader {
@@ -321,6 +316,20 @@ impl VerifiedHeader {
     /// The id of the keyring key the signature verified under.
     pub fn key_id(&self) -> KeyId {
         self.key_id
+    }
+
+    /// The signed header bytes, signature included.
+    pub fn signed_bytes(&self) -> &[u8] {
+        &self.signed
+    }
+
+    /// The same verification, for another view of the same signed header (the kernel part).
+    pub(crate) fn with_header(&self, header: BundleHeader) -> VerifiedHeader {
+        VerifiedHeader {
+            header: Arc::new(header),
+            key_id: self.key_id,
+            signed: self.signed.clone(),
+        }
     }
 }
 
@@ -633,6 +642,7 @@ impl RawHeader {
             signer_key_id: p.key_id,
             extensions,
             chunks: Vec::with_capacity(p.chunk_count as usize),
+            payload_offset: None,
         };
         for (i, entry) in table.chunks_exact(CHUNK_ENTRY_LEN).enumerate() {
             let index = i as u32;
@@ -652,6 +662,7 @@ impl RawHeader {
                 sha256,
             });
         }
+        super::kernel_part::check(&header)?;
         Ok(header)
     }
 }
@@ -716,10 +727,10 @@ fn parse_extensions(area: &[u8]) -> Result<Vec<Extension>, BundleError> {
             tag,
             value: area[start..start + len].to_vec(),
         };
-        // Format version 1 defines only non-critical extensions, so every
-        // critical one is unknown; non-critical ones are kept (known ones are
-        // used, unknown ones shown by `bundle info`).
-        if ext.is_critical() {
+        // The kernel part is the one critical extension this reader knows (checked with the
+        // chunk table, which gives its chunk size); non-critical ones are kept (known ones
+        // are used, unknown ones shown by `bundle info`).
+        if ext.is_critical() && tag != EXT_KERNEL {
             return Err(BundleError::UnknownCriticalExtension { tag });
         }
         out.push(ext);
@@ -741,6 +752,7 @@ pub fn read_verified_header<R: Read + ?Sized>(
     Ok(VerifiedHeader {
         header: Arc::new(header),
         key_id,
+        signed: raw.bytes.into(),
     })
 }
 
@@ -775,6 +787,7 @@ mod tests {
                     sha256: [i as u8; 32],
                 })
                 .collect(),
+            payload_offset: None,
         }
     }
 

@@ -20,12 +20,14 @@
 //!   ([`BundleReader::resume_at`] to start at chunk N,
 //!   [`BundleReader::read_parallel`] to decode on several threads).
 //! - [`verify()`]: fully verify a bundle file (`bundle verify`, the download cache).
+//! - [`kernel_part`]: the kernel image a bundle may carry for the slot's KERN partition.
 
 #![forbid(unsafe_code)]
 
 pub mod error;
 pub mod format;
 pub mod interruptible;
+pub mod kernel_part;
 pub mod keys;
 pub mod reader;
 pub mod source;

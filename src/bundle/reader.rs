@@ -284,6 +284,39 @@ impl<R: Read> BundleReader<R> {
         })
     }
 
+    /// Moves on to the bundle's kernel part once every chunk of the root image was read:
+    /// from here the reader hands out the kernel's chunks, as an image of its own
+    /// ([`BundleHeader::kernel_view`]: its chunk table, its whole-image hash), from the same
+    /// stream, which is at the kernel's first frame.
+    pub fn start_kernel_part(&mut self) -> Result<(), BundleError> {
+        let header = self.verified.header();
+        if header.payload_offset.is_some() || self.next_index != header.chunk_count() {
+            return Err(BundleError::Internal(
+                "the kernel part starts after the root image's last chunk".into(),
+            ));
+        }
+        let view = self
+            .verified
+            .kernel_view()
+            .ok_or_else(|| BundleError::Internal("the bundle has no kernel part".into()))?;
+        let max_chunk = view.header().chunk_len(0);
+        self.compressed
+            .resize(max_compressed_len(max_chunk) as usize, 0);
+        self.chunk.resize(max_chunk as usize, 0);
+        let start = view.header().chunk_bundle_offset(0)?;
+        if start != self.position {
+            return Err(BundleError::Internal(format!(
+                "the root image ended at bundle offset {}, the kernel part starts at {start}",
+                self.position
+            )));
+        }
+        self.verified = view;
+        self.next_index = 0;
+        self.image_hasher = Some(Sha256::new());
+        self.end_checked = false;
+        Ok(())
+    }
+
     /// The verified header.
     pub fn header(&self) -> &BundleHeader {
         self.verified.header()
@@ -464,7 +497,10 @@ impl<R: Read> BundleReader<R> {
     /// End-of-bundle checks: nothing trails, the whole-image hash matches.
     fn finish(&mut self) -> Result<(), BundleError> {
         self.end_checked = true;
-        check_end(&mut self.inner, self.position)?;
+        // A kernel part's frames follow the root image's: its own reader checks the end.
+        if self.verified.header().ends_bundle() {
+            check_end(&mut self.inner, self.position)?;
+        }
         if let Some(h) = self.image_hasher.take() {
             check_image_hash(self.verified.header(), h)?;
         }
@@ -647,7 +683,9 @@ impl<R: Read + Send> pipeline::Producer<FrameSlot> for FrameReader<'_, R> {
     }
 
     fn finish(self) -> Result<u64, BundleError> {
-        check_end(self.inner, self.position)?;
+        if self.header.ends_bundle() {
+            check_end(self.inner, self.position)?;
+        }
         Ok(self.position)
     }
 }

@@ -28,6 +28,9 @@ pub struct VerifyReport {
     pub image_sha256: String,
     /// Number of chunks verified.
     pub chunks: u32,
+    /// The kernel part, verified the same way: size and hex SHA-256.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<(u64, String)>,
     /// Bundle length.
     pub bundle_len: u64,
     /// Wall time of the check, in seconds.
@@ -35,7 +38,8 @@ pub struct VerifyReport {
 }
 
 /// Fully verifies a bundle: signature, every chunk (decompressed with
-/// bounds, hashed), the whole-image hash and the absence of trailing data.
+/// bounds, hashed), the whole-image hash, the kernel part's the same way,
+/// and the absence of trailing data.
 /// `threads` decode workers (0 = one per core); `progress(done, total)` in
 /// uncompressed bytes.
 pub fn verify(
@@ -53,13 +57,27 @@ pub fn verify(
     } else {
         threads
     };
-    let total = reader.header().image_size;
+    let root = reader.header().clone();
+    let kernel_size = root.kernel().map_or(0, |k| k.size);
+    let total = root.image_size + kernel_size;
     progress(0, total);
     reader.read_parallel(threads, &mut |chunk| {
         progress(chunk.image_offset + chunk.data.len() as u64, total);
         Ok(())
     })?;
-    let h = reader.header();
+    let kernel = match root.kernel() {
+        Some(k) => {
+            reader.start_kernel_part()?;
+            reader.read_parallel(threads, &mut |chunk| {
+                let done = root.image_size + chunk.image_offset + chunk.data.len() as u64;
+                progress(done, total);
+                Ok(())
+            })?;
+            Some((k.size, hex::encode(k.sha256)))
+        }
+        None => None,
+    };
+    let h = &root;
     Ok(VerifyReport {
         path: bundle.to_path_buf(),
         key_id: reader.matched_key(),
@@ -68,6 +86,7 @@ pub fn verify(
         image_size: h.image_size,
         image_sha256: hex::encode(h.image_sha256),
         chunks: h.chunk_count(),
+        kernel,
         bundle_len: h.bundle_len(),
         seconds: start.elapsed().as_secs_f64(),
     })

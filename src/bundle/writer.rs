@@ -18,9 +18,10 @@ use sha2::{Digest, Sha256};
 use super::error::BundleError;
 use super::format::{
     check_chunk_size, check_image_size, check_string, BundleHeader, ChunkEntry, Compression,
-    Extension, EXT_FIRST_BLOCK_HASHES, FIRST_BLOCK_HASH_LEN, FIRST_BLOCK_LEN, FORMAT_VERSION,
-    MAX_EXTENSIONS_LEN,
+    Extension, EXT_FIRST_BLOCK_HASHES, EXT_KERNEL, FIRST_BLOCK_HASH_LEN, FIRST_BLOCK_LEN,
+    FORMAT_VERSION, MAX_EXTENSIONS_LEN,
 };
+use super::kernel_part;
 use super::keys::KeyId;
 use crate::pipeline;
 
@@ -41,9 +42,12 @@ pub struct CreateOptions {
     pub zstd_level: i32,
     /// Compression threads; 0 means one per available core.
     pub threads: usize,
-    /// Extension records to include (must not be critical: no critical
-    /// extension is defined, and readers would refuse the bundle).
+    /// Extension records to include (must not be critical: the only critical
+    /// extension, the kernel part, is made from [`CreateOptions::kernel`]).
     pub extensions: Vec<Extension>,
+    /// A kernel image (the slot's Unified Kernel Image) to sign together with the root image
+    /// ([`super::kernel_part`]).
+    pub kernel: Option<PathBuf>,
 }
 
 impl CreateOptions {
@@ -56,6 +60,7 @@ impl CreateOptions {
             zstd_level: DEFAULT_ZSTD_LEVEL,
             threads: 0,
             extensions: Vec::new(),
+            kernel: None,
         }
     }
 }
@@ -93,17 +98,38 @@ pub fn create_bundle_with_options(
     let chunk_size = check_chunk_size(options.chunk_size as u64)?;
     check_extensions(&options.extensions)?;
 
-    let mut image_file = File::open(image)
-        .map_err(|e| BundleError::io(format!("opening image {}", image.display()), e))?;
-    // Seek rather than metadata: this also gives the size of a block device.
-    let image_size = image_file
-        .seek(SeekFrom::End(0))
-        .and_then(|size| image_file.seek(SeekFrom::Start(0)).map(|_| size))
-        .map_err(|e| {
-            BundleError::io(format!("finding the size of image {}", image.display()), e)
-        })?;
+    let (mut image_file, image_size) = open_sized(image, "image")?;
     let chunk_count = check_image_size(image_size, chunk_size)?;
     let mut extensions = options.extensions.clone();
+    // The kernel part's table is reserved now (its length depends only on the kernel's size)
+    // and filled in with the root image's table.
+    let mut kernel = match &options.kernel {
+        Some(path) => {
+            let (file, size) = open_sized(path, "kernel image")?;
+            let count = check_image_size(size, chunk_size)?;
+            let placeholder = vec![
+                ChunkEntry {
+                    compressed_len: 0,
+                    sha256: [0; 32],
+                };
+                count as usize
+            ];
+            extensions.push(Extension {
+                tag: EXT_KERNEL,
+                value: kernel_part::extension_value(size, [0; 32], &placeholder),
+            });
+            let total: usize = extensions.iter().map(|e| 4 + e.value.len()).sum();
+            if total > MAX_EXTENSIONS_LEN as usize {
+                return Err(BundleError::InvalidKernelPart {
+                    reason: format!(
+                        "a {size}-byte kernel in {chunk_size}-byte chunks needs a {total}-byte extension area, more than {MAX_EXTENSIONS_LEN}; use a larger --chunk-size"
+                    ),
+                });
+            }
+            Some((file, path, size))
+        }
+        None => None,
+    };
     if let Some(ext) =
         first_block_hashes(&mut image_file, image, image_size, chunk_size, &extensions)?
     {
@@ -129,6 +155,7 @@ pub fn create_bundle_with_options(
             };
             chunk_count as usize
         ],
+        payload_offset: None,
     };
     let header_len = header.header_len();
 
@@ -154,6 +181,24 @@ pub fn create_bundle_with_options(
     )?;
     header.chunks = entries;
     header.image_sha256 = image_sha256;
+    if let Some((file, path, size)) = kernel.as_mut() {
+        let (entries, sha256) = compress_chunks(
+            file,
+            path,
+            *size,
+            chunk_size,
+            options.zstd_level,
+            threads,
+            &mut temp,
+            &mut |_, _| {},
+        )?;
+        let ext = header
+            .extensions
+            .iter_mut()
+            .find(|e| e.tag == EXT_KERNEL)
+            .ok_or_else(|| BundleError::Internal("kernel extension not reserved".into()))?;
+        ext.value = kernel_part::extension_value(*size, sha256, &entries);
+    }
 
     let bytes = header.encode_signed(key)?;
     if bytes.len() as u64 != header_len {
@@ -208,6 +253,19 @@ fn first_block_hashes(
         tag: EXT_FIRST_BLOCK_HASHES,
         value,
     }))
+}
+
+/// Opens an input image and finds its size (by seeking, which also sizes a block device).
+fn open_sized(path: &Path, what: &str) -> Result<(File, u64), BundleError> {
+    let mut file = File::open(path)
+        .map_err(|e| BundleError::io(format!("opening {what} {}", path.display()), e))?;
+    let size = file
+        .seek(SeekFrom::End(0))
+        .and_then(|size| file.seek(SeekFrom::Start(0)).map(|_| size))
+        .map_err(|e| {
+            BundleError::io(format!("finding the size of {what} {}", path.display()), e)
+        })?;
+    Ok((file, size))
 }
 
 fn check_extensions(extensions: &[Extension]) -> Result<(), BundleError> {

@@ -38,6 +38,10 @@ pub enum BundleCommand {
         /// Uncompressed chunk size (64K to 64M, power of two).
         #[arg(long, value_parser = parse_size, default_value = "4M")]
         chunk_size: u64,
+        /// A kernel image (a Unified Kernel Image) for the slot's KERN partition, signed
+        /// together with the root image: the pair installs and rolls back as one slot.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
     },
     /// Show a bundle's header (and check its signature when a keyring is given).
     Info {
@@ -76,23 +80,29 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             compatible,
             out,
             chunk_size,
+            kernel,
         } => {
             let secret = crate::bundle::keys::read_secret_key(&key)?;
             let chunk_size = u32::try_from(chunk_size)
                 .map_err(|_| anyhow::anyhow!("chunk size {chunk_size} is too large"))?;
             let mut progress = Progress::new("compressing", false);
-            let header = crate::bundle::create_bundle(
+            let mut options = crate::bundle::CreateOptions::new(&version, &compatible);
+            options.chunk_size = chunk_size;
+            options.kernel = kernel;
+            let header = crate::bundle::create_bundle_with_options(
                 &image,
                 &secret,
-                &version,
-                &compatible,
-                chunk_size,
+                &options,
                 &out,
                 &mut |d, t| progress.update(d, t),
             )?;
             progress.finish();
+            let kernel = header
+                .kernel()
+                .map(|k| format!(", kernel {} bytes", k.size))
+                .unwrap_or_default();
             println!(
-                "created {}: version {}, compatible {}, {} bytes in {} chunks, {} bytes on disk",
+                "created {}: version {}, compatible {}, {} bytes in {} chunks{kernel}, {} bytes on disk",
                 out.display(),
                 header.image_version,
                 header.compatible,
@@ -246,6 +256,17 @@ impl InfoReport {
                 SignatureStatus::NotChecked => "NOT CHECKED (no keyring given)".into(),
             },
         );
+        if let Some(k) = h.kernel() {
+            line(
+                "kernel:",
+                format!(
+                    "{} bytes in {} chunks, sha256 {}",
+                    k.size,
+                    k.chunks.len(),
+                    hex::encode(k.sha256)
+                ),
+            );
+        }
         for ext in &h.extensions {
             line(
                 "extension:",
@@ -259,6 +280,16 @@ impl InfoReport {
     /// to a million entries) only with `with_chunks`.
     pub fn to_json(&self, with_chunks: bool) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let (Some(k), Some(o)) = (self.header.kernel(), v.as_object_mut()) {
+            o.insert(
+                "kernel".into(),
+                serde_json::json!({
+                    "size": k.size,
+                    "sha256": hex::encode(k.sha256),
+                    "chunks": k.chunks.len(),
+                }),
+            );
+        }
         if !with_chunks {
             if let Some(h) = v.get_mut("header").and_then(|h| h.as_object_mut()) {
                 h.remove("chunks");

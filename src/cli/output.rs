@@ -175,6 +175,10 @@ fn show_install_event(event: InstallEvent, json: bool, progress: &mut Progress) 
             progress.finish();
             eprintln!("read-back matches signed hash {sha256}");
         }
+        E::KernelPart { partition, size } => {
+            eprintln!("writing the kernel ({size} bytes) into {partition}");
+            progress.set_label("writing");
+        }
         E::Activated { slot, attributes } => eprintln!("{slot} boots next: {attributes}"),
     }
 }

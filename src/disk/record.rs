@@ -4,7 +4,9 @@
 //! [`abupdate_core::slot_record`], so the boot loader reads it the same way; this module does
 //! the I/O: reading the record block at the end of a slot and hashing the slot's content.
 
-pub use abupdate_core::slot_record::{max_image_size, SlotRecord, MAX_STRING, RECORD_BYTES};
+pub use abupdate_core::slot_record::{
+    header_area, header_offset, max_image_size, KernelRecord, SlotRecord, MAX_STRING, RECORD_BYTES,
+};
 
 /// Reads the record of `slot`; `None` when absent, torn or unreadable.
 pub fn read_record<D: crate::disk::blockdev::BlockDevice>(

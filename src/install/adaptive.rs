@@ -311,6 +311,7 @@ mod tests {
             signer_key_id: crate::bundle::KeyId([0; 8]),
             extensions: Vec::new(),
             chunks,
+            payload_offset: None,
         }
     }
 

@@ -25,21 +25,17 @@
 use std::cmp::Ordering;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Instant;
-
-use sha2::{Digest, Sha256};
 
 use crate::attrs::SlotAttributes;
 use crate::bundle::{BundleError, BundleReader, BundleSource, Keyring};
 use crate::disk::blockdev::BlockDevice;
-use crate::disk::record::{self, SlotRecord, RECORD_BYTES};
+use crate::disk::record;
 use crate::disk::running;
 use crate::disk::slots::{AbDisk, Slot, SlotError};
 use crate::select;
-use adaptive::{ChunkSource, Plan};
-use slotio::{ReadOnlyView, SlotBacking, SlotIo, SlotIoError, SlotTarget};
+use slotio::{SlotBacking, SlotIoError};
 
 /// Default path of the reboot-required sentinel (watched by kured and similar).
 pub const DEFAULT_SENTINEL: &str = "/run/reboot-required";
@@ -115,6 +111,22 @@ pub enum InstallError {
         slot_size: u64,
         /// Record size.
         record: u64,
+    },
+    /// The bundle carries a kernel, and the slot has no kernel partition to take it.
+    #[error("the bundle carries a {kernel_size}-byte kernel, but {slot} has no kernel partition (KERN-x): this disk has no boot chain")]
+    KernelWithoutPartition {
+        /// Target slot.
+        slot: String,
+        /// Kernel size.
+        kernel_size: u64,
+    },
+    /// The slot pairs a kernel partition with its root, and the bundle carries no kernel.
+    #[error("the bundle carries no kernel, but {slot} is paired with {kernel}: installing the root alone would boot the new root with the slot's old kernel (build the bundle with --kernel)")]
+    KernelMissing {
+        /// Target slot.
+        slot: String,
+        /// Its kernel partition.
+        kernel: String,
     },
     /// The slot read back differs from the signed image hash.
     #[error("read-back of {slot} does not match the signed image hash (expected {expected}, read {actual}); slot left unbootable")]
@@ -197,8 +209,10 @@ mod report;
 pub mod slotio;
 mod stream;
 mod version;
+mod write;
 
-use stream::{stream_adaptive, stream_into_slot, verify_regions, ChunkWriter};
+use write::{bytes_to_read_from, prepare_target, workers_for};
+pub use write::{write_slot, Reuse, SlotWritten};
 
 pub use local::{open_bundle_source, write_sentinel};
 pub use report::{AdaptiveOutcome, InstallEvent, InstallReport};
@@ -285,6 +299,9 @@ pub fn install<D: SlotBacking, R: BundleSource>(
     let reuse = options.adaptive.then(|| Reuse {
         slot: running,
         image_len: running_record.as_ref().map(|r| r.image_size),
+        kernel_len: running_record
+            .as_ref()
+            .and_then(|r| r.kernel.map(|k| k.size)),
     });
     let report =
         |written: SlotWritten, attributes: SlotAttributes, sentinel, dry_run| InstallReport {
@@ -303,12 +320,12 @@ pub fn install<D: SlotBacking, R: BundleSource>(
             dry_run,
         };
     if options.dry_run {
-        let indexed = prepare_target(disk, target, &header, reuse, events)?;
+        let prepared = prepare_target(disk, target, reader.verified_header(), reuse, events)?;
         let nothing_written = SlotWritten {
             write_seconds: 0.0,
             verify_seconds: 0.0,
             direct_io: false,
-            adaptive: indexed.map(|i| AdaptiveOutcome {
+            adaptive: prepared.root.map(|i| AdaptiveOutcome {
                 planned: i.plan.summary,
                 fallbacks: 0,
             }),
@@ -351,310 +368,6 @@ pub fn install<D: SlotBacking, R: BundleSource>(
         None => None,
     };
     Ok(report(written, flipped[target], sentinel, false))
-}
-
-/// Timings of [`write_slot`].
-#[derive(Debug, Clone, Copy)]
-pub struct SlotWritten {
-    /// Seconds until the last chunk was written and flushed (read-back runs alongside).
-    pub write_seconds: f64,
-    /// Seconds the read-back and slot record took after that.
-    pub verify_seconds: f64,
-    /// Whether O_DIRECT was used.
-    pub direct_io: bool,
-    /// What an adaptive install took from the running slot.
-    pub adaptive: Option<AdaptiveOutcome>,
-}
-
-/// Where an adaptive install may copy chunks from: the running slot.
-#[derive(Debug, Clone, Copy)]
-pub struct Reuse {
-    /// Index of the running slot.
-    pub slot: usize,
-    /// Length of the image it holds, from its slot record (`None`: hash the whole slot).
-    pub image_len: Option<u64>,
-}
-
-/// Decompression workers: one per core, at most two by default. Two already decompress and
-/// hash faster than disks write (about 1.3 GB/s each here), and each worker holds about two
-/// chunks in flight, so capping keeps memory under 64 MiB on any machine.
-fn workers_for(requested: usize) -> usize {
-    if requested == 0 {
-        std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .min(2)
-    } else {
-        requested
-    }
-}
-
-/// The checks before a slot is written, which change nothing: the image fits the slot, the
-/// slot can be opened for writing (not mounted, right partition node), and, for an adaptive
-/// install, the running slot is hashed and the plan made ([`InstallEvent::AdaptivePlan`]).
-fn prepare_target<D: SlotBacking>(
-    disk: &mut AbDisk<D>,
-    target: usize,
-    header: &crate::bundle::BundleHeader,
-    reuse: Option<Reuse>,
-    events: &mut dyn FnMut(InstallEvent),
-) -> Result<Option<IndexedRunning>, InstallError> {
-    let sector_size = disk.gpt.sector_size();
-    let slots = disk.slots()?;
-    let slot = &slots[target];
-    let slot_size = slot.size_bytes(sector_size);
-    let usable = record::max_image_size(slot_size);
-    if header.image_size > usable {
-        return Err(InstallError::TooLarge {
-            image: header.image_size,
-            slot: slot.name.clone(),
-            usable,
-            slot_size,
-            record: RECORD_BYTES,
-        });
-    }
-    // Probe-open the slot first: a target that is mounted or cannot be opened is refused
-    // while the disk is still exactly as it was.
-    drop(disk.dev.open_slot(
-        &slot.name,
-        slot.partition(),
-        slot.offset_bytes(sector_size),
-        slot_size,
-    )?);
-    // Adaptive: hash the running slot (read-only) while the target is still as it was.
-    let Some(r) = reuse else {
-        return Ok(None);
-    };
-    let running = &slots[r.slot];
-    let indexed =
-        index_running(disk, running, sector_size, r.image_len, header).map_err(|source| {
-            InstallError::ReadRunning {
-                slot: running.name.clone(),
-                source,
-            }
-        })?;
-    events(InstallEvent::AdaptivePlan {
-        running: running.name.clone(),
-        bytes_hashed: indexed.bytes_hashed,
-        index_seconds: indexed.seconds,
-        summary: indexed.plan.summary,
-    });
-    Ok(Some(indexed))
-}
-
-/// Steps 4-7 of an install into slot `target` from an already signature-checked reader:
-/// invalidate the slot, stream verified chunks into it, flush, read back against the signed
-/// hash, write the slot record. The slot stays unbootable; the caller decides what it becomes.
-#[allow(clippy::too_many_arguments)]
-pub fn write_slot<D: SlotBacking, R: BundleSource>(
-    disk: &mut AbDisk<D>,
-    target: usize,
-    reader: &mut BundleReader<R>,
-    workers: usize,
-    reuse: Option<Reuse>,
-    cancel: &AtomicBool,
-    events: &mut dyn FnMut(InstallEvent),
-) -> Result<SlotWritten, InstallError> {
-    // 4. Target unbootable before its bytes change; its old record goes too.
-    let started = Instant::now();
-    let header = reader.header().clone();
-    let adaptive = prepare_target(disk, target, &header, reuse, events)?;
-    if cancel.load(AtomicOrdering::Relaxed) {
-        return Err(InstallError::InterruptedBeforeWrite);
-    }
-    let sector_size = disk.gpt.sector_size();
-    let slots = disk.slots()?;
-    let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
-    let slot = &slots[target];
-    let slot_size = slot.size_bytes(sector_size);
-    let mut invalid = attrs.clone();
-    invalid[target] = select::invalidate(attrs[target]);
-    disk.write_slot_attributes(&slots, &invalid)?;
-    let out = disk.dev.open_slot(
-        &slot.name,
-        slot.partition(),
-        slot.offset_bytes(sector_size),
-        slot_size,
-    )?;
-    let out: &dyn SlotIo = &*out;
-    let record_offset = slot_size - RECORD_BYTES;
-    let mut record_buf = SlotTarget::buffer(RECORD_BYTES as usize);
-    out.write_at(&slot.name, &record_buf, record_offset)?;
-    events(InstallEvent::TargetInvalidated {
-        target: slot.name.clone(),
-        path: out.describe(),
-        direct_io: out.is_direct(),
-    });
-
-    // 5 + 6. Stream, and verify what is on the device while the stream goes on: after every
-    // FLUSH_EVERY bytes the writer flushes, and a verifier thread reads that flushed region
-    // back (bypassing the page cache) into the whole-image SHA-256. So every byte is read
-    // back only after a flush, as if the slot were read back after the last one, but the
-    // read-back overlaps the writing instead of following it.
-    let total = header.image_size;
-    // The read-back checks the signed whole-image hash from the disk itself; per-chunk hashes
-    // still check every byte before it is written.
-    reader.skip_image_hash();
-    let verified_bytes = AtomicU64::new(0);
-    let (region_tx, region_rx) = mpsc::channel::<(u64, u64)>();
-    let slot_name = slot.name.clone();
-    let (stream_result, readback, stream_end) = std::thread::scope(|scope| {
-        let verifier =
-            scope.spawn(|| verify_regions(out, &slot_name, region_rx, cancel, &verified_bytes));
-        let mut progress = |written| {
-            events(InstallEvent::Written {
-                bytes: written,
-                total,
-            });
-            let checked = verified_bytes.load(AtomicOrdering::Relaxed);
-            if checked > 0 {
-                events(InstallEvent::ReadBack {
-                    bytes: checked,
-                    total,
-                });
-            }
-        };
-        let mut writer = ChunkWriter::new(
-            out,
-            &slot.name,
-            total,
-            header.chunk_size as usize,
-            region_tx,
-            cancel,
-            &mut progress,
-        );
-        let result = match &adaptive {
-            Some(indexed) => {
-                stream_adaptive(&mut writer, reader, &header, &indexed.plan, &*indexed.view)
-                    .map(Some)
-            }
-            None => stream_into_slot(&mut writer, reader, workers).map(|()| None),
-        };
-        drop(writer);
-        let stream_end = Instant::now();
-        let readback = verifier.join();
-        (result, readback, stream_end)
-    });
-    // A signal stops the stream wherever it is (a blocked source read gives up with an
-    // error), so whatever the threads returned, the install was interrupted.
-    if cancel.load(AtomicOrdering::Relaxed) {
-        return Err(InstallError::Interrupted {
-            slot: slot.name.clone(),
-        });
-    }
-    let write_seconds = (stream_end - started).as_secs_f64();
-    let fallbacks = stream_result?;
-    let actual = readback.map_err(|_| {
-        InstallError::Bundle(BundleError::Internal("read-back thread panicked".into()))
-    })??;
-    events(InstallEvent::ReadBack {
-        bytes: total,
-        total,
-    });
-    if actual != header.image_sha256 {
-        return Err(InstallError::ReadbackMismatch {
-            slot: slot.name.clone(),
-            expected: hex::encode(header.image_sha256),
-            actual: hex::encode(actual),
-        });
-    }
-    events(InstallEvent::ReadbackVerified {
-        sha256: hex::encode(actual),
-    });
-
-    // 7. Slot record.
-    let record = SlotRecord {
-        image_size: total,
-        image_sha256: header.image_sha256,
-        version: header.image_version.clone(),
-        compatible: header.compatible.clone(),
-    };
-    record_buf.copy_from_slice(&record.encode());
-    out.write_at(&slot.name, &record_buf, record_offset)?;
-    out.sync(&slot.name)?;
-    // What the read-back and record added after the last chunk was written.
-    let verify_seconds = stream_end.elapsed().as_secs_f64();
-    if cancel.load(AtomicOrdering::Relaxed) {
-        return Err(InstallError::Interrupted {
-            slot: slot.name.clone(),
-        });
-    }
-    Ok(SlotWritten {
-        write_seconds,
-        verify_seconds,
-        direct_io: out.is_direct(),
-        adaptive: adaptive.map(|a| AdaptiveOutcome {
-            planned: a.plan.summary,
-            fallbacks: fallbacks.unwrap_or(0),
-        }),
-    })
-}
-
-/// Payload bytes an adaptive install reads from chunk `first` on (a bundle chunk) before its
-/// next skip that is larger than `gap` (smaller skips are read through), per the plan.
-fn bytes_to_read_from(
-    header: &crate::bundle::BundleHeader,
-    plan: &Plan,
-    first: usize,
-    gap: u64,
-) -> u64 {
-    let mut wanted = 0u64;
-    let mut gap_run = 0u64;
-    for (entry, source) in header.chunks[first..].iter().zip(&plan.sources[first..]) {
-        let frame = u64::from(entry.compressed_len);
-        match source {
-            ChunkSource::Bundle => {
-                wanted += gap_run + frame;
-                gap_run = 0;
-            }
-            ChunkSource::Running { .. } => {
-                gap_run += frame;
-                if gap_run > gap {
-                    break;
-                }
-            }
-        }
-    }
-    wanted
-}
-
-/// The running slot's chunk index and the plan made from it.
-struct IndexedRunning {
-    view: Box<dyn ReadOnlyView>,
-    plan: Plan,
-    bytes_hashed: u64,
-    seconds: f64,
-}
-
-/// Hashes the running slot through a read-only view and plans the adaptive install.
-fn index_running<D: SlotBacking>(
-    disk: &mut AbDisk<D>,
-    running: &crate::disk::slots::Slot,
-    sector_size: u32,
-    image_len: Option<u64>,
-    header: &crate::bundle::BundleHeader,
-) -> io::Result<IndexedRunning> {
-    let started = Instant::now();
-    let size = running.size_bytes(sector_size);
-    // The slot record's tail block is never image data.
-    let usable = record::max_image_size(size);
-    let view = disk
-        .dev
-        .read_only_view(running.offset_bytes(sector_size), usable)?;
-    let len = image_len.unwrap_or(usable).min(usable);
-    let local = adaptive::index_view(&*view, len, header)?;
-    let mut candidate = vec![0u8; header.chunk_size as usize];
-    let mut bytes_hashed = local.bytes_hashed;
-    let plan = adaptive::plan(header, &local, &mut |offset, len, sha256| {
-        let bytes = &mut candidate[..len];
-        bytes_hashed += len as u64;
-        view.read_at(bytes, offset).is_ok() && <[u8; 32]>::from(Sha256::digest(&*bytes)) == *sha256
-    });
-    Ok(IndexedRunning {
-        view,
-        plan,
-        bytes_hashed,
-        seconds: started.elapsed().as_secs_f64(),
-    })
 }
 
 /// Writes a factory image into slot `target` of a fresh disk (`disk init --seed`): the same

@@ -63,6 +63,14 @@ pub enum InstallEvent {
         /// Total.
         total: u64,
     },
+    /// The root image is written and verified; the bundle's kernel part goes into the slot's
+    /// kernel partition next (its Written/ReadBack events count the kernel's bytes).
+    KernelPart {
+        /// The kernel partition.
+        partition: String,
+        /// Kernel size in bytes.
+        size: u64,
+    },
     /// The slot matched the signed hash.
     ReadbackVerified {
         /// SHA-256.
