@@ -11,23 +11,25 @@
 //!   pause; each cut leaves the old or the new attributes (never a mix), and the next boot
 //!   chooses a slot and leaves a table `sgdisk -v` finds clean.
 //!
+//! These use a test build that powers off after the choice (the disks hold no kernels);
+//! tests/efi_boot_chain.rs boots real kernels through the shipped build.
+//!
 //! Needs qemu-system-x86_64, OVMF (Debian `ovmf`), `mkfs.vfat` (`dosfstools`), `mcopy`
 //! (`mtools`) and the `x86_64-unknown-uefi` Rust target; under `CI=true` a missing one fails.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::ovmf::{build_loader, console_lines, make_esp, ovmf_present, start_ovmf};
 use common::*;
 
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
-
-/// The two loader builds.
+/// The two loader builds these tests use; both stop after the choice (feature
+/// `stop-after-choice`): the disks here hold no kernels, and what is tested is the choice and
+/// its writes. tests/efi_boot_chain.rs boots real kernels with the shipped build.
 struct Loaders {
     shipped: PathBuf,
     power_cut: PathBuf,
@@ -38,67 +40,19 @@ fn loaders() -> Option<&'static Loaders> {
     static LOADERS: OnceLock<Option<Loaders>> = OnceLock::new();
     LOADERS
         .get_or_init(|| {
-            let present = on_path("qemu-system-x86_64")
-                && Path::new(OVMF_CODE).exists()
-                && Path::new(OVMF_VARS).exists()
-                && on_path("mkfs.vfat")
-                && on_path("mcopy");
-            if !have(
-                "qemu-system-x86_64, OVMF, mkfs.vfat and mcopy (Debian qemu-system-x86, ovmf, dosfstools, mtools)",
-                present,
-            ) {
+            if !ovmf_present() {
                 return None;
             }
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("loader");
-            let build = |extra: &[&str]| {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let out = Command::new(cargo)
-                    .current_dir(&dir)
-                    .args(["build", "--release", "--quiet"])
-                    .args(extra)
-                    .output()
-                    .expect("run cargo");
-                assert!(
-                    out.status.success(),
-                    "building the loader ({extra:?}) failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            };
-            build(&[]);
-            build(&["--features", "power-cut-test", "--target-dir", "target/power-cut"]);
-            let efi = |target: &str| {
-                dir.join(target)
-                    .join("x86_64-unknown-uefi/release/abupdate-loader.efi")
-            };
             Some(Loaders {
-                shipped: efi("target"),
-                power_cut: efi("target/power-cut"),
+                shipped: build_loader(&["stop-after-choice"], "target/choice", &[]),
+                power_cut: build_loader(
+                    &["stop-after-choice", "power-cut-test"],
+                    "target/power-cut",
+                    &[],
+                ),
             })
         })
         .as_ref()
-}
-
-/// A FAT ESP image `dir/NAME.img` holding `loader` as `\EFI\BOOT\BOOTX64.EFI`, the path
-/// firmware boots.
-fn make_esp(dir: &Path, name: &str, loader: &Path) -> PathBuf {
-    let esp = dir.join(format!("{name}.img"));
-    tool_ok("truncate", &["-s", "34M", esp.to_str().unwrap()]);
-    tool_ok(
-        "mkfs.vfat",
-        &["-F", "32", "-n", "ESP", esp.to_str().unwrap()],
-    );
-    let img = esp.to_str().unwrap();
-    tool_ok("mmd", &["-i", img, "::/EFI", "::/EFI/BOOT"]);
-    tool_ok(
-        "mcopy",
-        &[
-            "-i",
-            img,
-            loader.to_str().unwrap(),
-            "::/EFI/BOOT/BOOTX64.EFI",
-        ],
-    );
-    esp
 }
 
 /// Starts OVMF with the ESP as the first disk and the A/B disk as the second; the console
@@ -109,38 +63,22 @@ fn start_vm(dir: &Path, esp: &Path, disk: &str) -> Child {
 
 /// Starts OVMF with these raw drives, in order.
 fn start_vm_with(dir: &Path, drives: &[&str]) -> Child {
-    let vars = dir.join("vars.fd");
-    std::fs::copy(OVMF_VARS, &vars).unwrap();
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-machine", "q35", "-accel", "tcg", "-m", "256"])
-        .args(["-nographic", "-no-reboot", "-net", "none"])
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,file={}", vars.display()));
-    for drive in drives {
-        qemu.arg("-drive").arg(format!("format=raw,file={drive}"));
-    }
-    qemu.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-system-x86_64")
+    let drives: Vec<String> = drives
+        .iter()
+        .map(|d| format!("format=raw,file={d}"))
+        .collect();
+    start_ovmf(dir, 256, &drives)
 }
 
 /// The loader's lines ("abupdate-loader: …") as the VM prints them.
 fn loader_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let all = console_lines(child);
     let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
     std::thread::spawn(move || {
-        let mut reader = BufReader::new(out);
-        let mut raw = Vec::new();
-        while reader.read_until(b'\n', &mut raw).unwrap_or(0) > 0 {
-            let line = String::from_utf8_lossy(&raw).replace('\r', "");
+        for line in all {
             if let Some(i) = line.find("abupdate-loader: ") {
-                let _ = tx.send(line[i..].trim_end().to_string());
+                let _ = tx.send(line[i..].to_string());
             }
-            raw.clear();
         }
     });
     rx

@@ -1,14 +1,17 @@
-//! The firmware side of the loader: whole disks through the UEFI Block I/O protocol, the
-//! console and serial lines, and resetting the machine. The only module with `unsafe`.
+//! The firmware side of the loader: whole disks through the UEFI Block I/O protocol, starting
+//! a kernel image with its command line, and resetting the machine. The only module with
+//! `unsafe`.
 //!
 //! Why Block I/O and not a file system: the slot attributes live in the GPT itself, and the
 //! loader must read and rewrite exactly the bytes `abupdate boot` does (through the same core
 //! code), so it needs sector access to the whole disk, not files.
 
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
 use uefi::boot::{self, OpenProtocolAttributes, OpenProtocolParams, ScopedProtocol};
+use uefi::proto::loaded_image::LoadedImage;
 use uefi::proto::media::block::BlockIO;
 use uefi::{Handle, Status};
 
@@ -163,4 +166,36 @@ pub fn reset_after(seconds: u32) -> ! {
 /// Powers the machine off (used by the test build's "stop after choosing" mode).
 pub fn power_off() -> ! {
     uefi::runtime::reset(uefi::runtime::ResetType::SHUTDOWN, Status::SUCCESS, None)
+}
+
+/// Loads `image` (a UEFI application: the slot's Unified Kernel Image) from memory and starts
+/// it with `cmdline` as its load options (UCS-2, as the systemd stub reads them). Returns only
+/// when the firmware refuses the image or the image exits: either way the slot did not boot.
+pub fn start_image(image: &[u8], cmdline: &str) -> Result<(), String> {
+    let handle = boot::load_image(
+        boot::image_handle(),
+        boot::LoadImageSource::FromBuffer {
+            buffer: image,
+            file_path: None,
+        },
+    )
+    .map_err(|e| alloc::format!("the firmware refused to load it: {:?}", e.status()))?;
+    let mut options: Vec<u16> = cmdline.encode_utf16().chain(core::iter::once(0)).collect();
+    {
+        let mut loaded = boot::open_protocol_exclusive::<LoadedImage>(handle).map_err(|e| {
+            let _ = boot::unload_image(handle);
+            alloc::format!("its LoadedImage protocol: {:?}", e.status())
+        })?;
+        let size = u32::try_from(options.len() * 2).unwrap_or(u32::MAX);
+        // SAFETY: `options` outlives the started image's use of it: it is dropped only after
+        // `start_image` returns, i.e. after the image exited (a kernel that booted never
+        // returns here), and it is not moved or changed in between.
+        unsafe { loaded.set_load_options(options.as_mut_ptr().cast::<u8>(), size) };
+    }
+    let started = boot::start_image(handle);
+    drop(options);
+    match started {
+        Ok(()) => Err("it returned to the loader".into()),
+        Err(e) => Err(alloc::format!("it failed to start: {:?}", e.status())),
+    }
 }

@@ -12,12 +12,19 @@
 //! 2. chooses the slot and spends its try (`select::boot_attempt`), writing the attributes
 //!    with the core's write plan (nothing is written when nothing changes, e.g. a committed
 //!    slot), and repairs a stale GPT copy on the way, as cgptlib does;
-//! 3. prints the choice on the console and the serial line.
+//! 3. verifies the slot's kernel ([`kernel`]): the bundle header kept in the slot record must
+//!    verify under a key built into this loader, and KERN-x must hash to the kernel hash that
+//!    header signs;
+//! 4. starts it with `root=PARTUUID=<ROOT-x> abupdate.slot=ROOT-x abupdate.loader=1` (and the
+//!    build's extra words) as its command line; `abupdate.loader=1` tells the initramfs hook
+//!    that the try is spent, so `abupdate boot` does not spend a second one.
 //!
-//! Starting the slot's kernel (KERN-x, verified against the signed slot record) is the next
-//! step (issue 13); until then the loader powers the machine off after step 3, which is what
-//! the tests of the choice and of power cuts during it need. When no slot is bootable, or the
-//! disk is refused, it says why and resets after a delay: it never loops on a slot.
+//! A kernel that fails step 3 or 4 is never retried in the same boot: its slot is marked bad
+//! as cgptlib's firmware does (a committed slot keeps its attributes) and set aside, and the
+//! choice runs again. When no slot is left, or the disk is refused, the loader says why on the
+//! console and the serial line and resets after a delay: it never loops on a slot, and a slot
+//! on trial runs out of tries by itself when its kernel dies later (the kernel command line
+//! has `panic=`, so a panic comes back here).
 
 #![no_std]
 #![no_main]
@@ -27,9 +34,16 @@ extern crate alloc;
 
 #[allow(unsafe_code)]
 mod firmware;
+mod kernel;
 mod slots;
 
+use alloc::format;
+use alloc::string::String;
 use uefi::prelude::*;
+
+mod config {
+    include!(concat!(env!("OUT_DIR"), "/config.rs"));
+}
 
 /// Seconds to show a fatal message before the reset.
 const FATAL_DELAY_SECONDS: u32 = 10;
@@ -39,14 +53,56 @@ fn main() -> Status {
     if uefi::helpers::init().is_err() {
         return Status::ABORTED;
     }
-    match slots::choose_and_spend_try() {
-        Ok(choice) => {
-            log::info!("abupdate-loader: {choice}");
-            firmware::power_off()
+    let why = boot();
+    log::error!("abupdate-loader: {why}; resetting in {FATAL_DELAY_SECONDS} s");
+    firmware::reset_after(FATAL_DELAY_SECONDS)
+}
+
+/// Chooses, verifies and starts a slot; returns only why nothing could be started.
+fn boot() -> String {
+    let mut ab = match slots::find() {
+        Ok(ab) => ab,
+        Err(why) => return why,
+    };
+    // Each failed slot is set aside, so this ends after at most one attempt per slot.
+    loop {
+        let choice = match ab.choose_and_spend_try() {
+            Ok(choice) => choice,
+            Err(why) => return why,
+        };
+        log::info!("abupdate-loader: {choice}");
+        if cfg!(feature = "stop-after-choice") {
+            firmware::power_off();
         }
-        Err(why) => {
-            log::error!("abupdate-loader: {why}; resetting in {FATAL_DELAY_SECONDS} s");
-            firmware::reset_after(FATAL_DELAY_SECONDS)
+        let failure = match kernel::load_verified(&ab, choice.slot, config::TRUSTED_KEYS) {
+            Ok(kernel) => {
+                let cmdline = format!(
+                    "root=PARTUUID={} abupdate.slot={} abupdate.loader=1 {}",
+                    choice.partuuid,
+                    choice.label,
+                    config::EXTRA_CMDLINE
+                );
+                log::info!(
+                    "abupdate-loader: kernel of {} version {} verified ({} bytes); starting it: {cmdline}",
+                    choice.label,
+                    kernel.version,
+                    kernel.image.len()
+                );
+                let started = firmware::start_image(&kernel.image, &cmdline);
+                format!(
+                    "kernel of {}: {}",
+                    choice.label,
+                    started.err().unwrap_or_default()
+                )
+            }
+            Err(why) => format!("refusing the kernel of {}: {why}", choice.label),
+        };
+        match ab.set_aside(choice.slot) {
+            Ok(now) => log::error!(
+                "abupdate-loader: {failure}; {} marked bad ({now}), choosing again",
+                choice.label
+            ),
+            Err(why) => return format!("{failure}; marking {} bad failed: {why}", choice.label),
         }
     }
 }

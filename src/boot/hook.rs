@@ -1,4 +1,10 @@
 //! The boot-time hook: choose the slot with cgptlib's rules, spend its try, persist it.
+//!
+//! Behind abupdate's UEFI loader the choice is already made and the try already spent: the
+//! loader says so on the kernel command line (`abupdate.loader=1 abupdate.slot=LABEL`), and
+//! the hook then reports that slot and writes nothing, so one boot never spends two tries. When
+//! the initramfs could not mount that slot and marked it bad, it asks again without the
+//! command line (`--kernel-cmdline /dev/null`), and the hook chooses as usual.
 
 use std::path::{Path, PathBuf};
 
@@ -51,29 +57,50 @@ pub struct BootDecision {
     pub trial: bool,
     /// Tries left after this boot.
     pub tries_left: u8,
-    /// Bytes written to the GPT (0 for a successful slot).
+    /// Bytes written to the GPT (0 for a successful slot, and behind the loader).
     pub bytes_written: u64,
+    /// Who chose the slot and spent its try: `loader` or `abupdate-boot`.
+    pub chosen_by: &'static str,
 }
 
 /// Runs the boot hook on `disk` (opened writable): chooses, spends a try, writes crash-safely.
 /// `disk_is_block_device` decides whether a partition device path is printed (an image file
 /// has none).
+/// `kernel_cmdline` is this boot's kernel command line: when abupdate's loader chose a slot
+/// that is still bootable, that choice stands and nothing is written.
 pub fn boot<D: BlockDevice>(
     disk: &mut AbDisk<D>,
     disk_path: &Path,
     disk_is_block_device: bool,
+    kernel_cmdline: &str,
 ) -> Result<BootDecision, BootError> {
     let slots = disk.slots()?;
     let attrs: Vec<SlotAttributes> = slots.iter().map(|s| s.attrs).collect();
-    let Some(choice) = select::boot_attempt(&attrs) else {
-        return Err(BootError::NoBootableSlot {
-            disk: disk.name().to_string(),
-            states: describe(&slots),
-        });
+    // Not filtered by bootability: the loader may have spent the slot's last try, which
+    // leaves it unbootable on disk while it is the slot running now.
+    let by_loader = crate::disk::running::loader_choice(kernel_cmdline, &slots);
+    let (choice, bytes_written, chosen_by) = match by_loader {
+        Some(index) => (
+            select::BootChoice {
+                index,
+                updated: attrs[index],
+            },
+            0,
+            "loader",
+        ),
+        None => {
+            let Some(choice) = select::boot_attempt(&attrs) else {
+                return Err(BootError::NoBootableSlot {
+                    disk: disk.name().to_string(),
+                    states: describe(&slots),
+                });
+            };
+            let mut new = attrs.clone();
+            new[choice.index] = choice.updated;
+            let written = disk.write_slot_attributes(&slots, &new)?;
+            (choice, written, "abupdate-boot")
+        }
     };
-    let mut new = attrs.clone();
-    new[choice.index] = choice.updated;
-    let bytes_written = disk.write_slot_attributes(&slots, &new)?;
     let slot = &slots[choice.index];
     let sector_size = disk.gpt.sector_size();
     let record: Option<SlotRecord> = record::read_record(&mut disk.dev, slot, sector_size);
@@ -94,6 +121,7 @@ pub fn boot<D: BlockDevice>(
         trial: !slot.attrs.successful(),
         tries_left: choice.updated.tries(),
         bytes_written,
+        chosen_by,
     })
 }
 
@@ -111,7 +139,7 @@ impl BootDecision {
     pub fn to_env(&self) -> String {
         let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
         format!(
-            "ABUPDATE_SLOT={}\nABUPDATE_PARTITION={}\nABUPDATE_DEVICE={}\nABUPDATE_OFFSET={}\nABUPDATE_SIZE={}\nABUPDATE_PARTUUID={}\nABUPDATE_VERSION={}\nABUPDATE_TRIAL={}\nABUPDATE_TRIES_LEFT={}\n",
+            "ABUPDATE_SLOT={}\nABUPDATE_PARTITION={}\nABUPDATE_DEVICE={}\nABUPDATE_OFFSET={}\nABUPDATE_SIZE={}\nABUPDATE_PARTUUID={}\nABUPDATE_VERSION={}\nABUPDATE_TRIAL={}\nABUPDATE_TRIES_LEFT={}\nABUPDATE_CHOSEN_BY={}\n",
             q(&self.slot),
             self.partition,
             q(&self.device.display().to_string()),
@@ -120,7 +148,8 @@ impl BootDecision {
             q(&self.partuuid),
             q(self.version.as_deref().unwrap_or("")),
             u8::from(self.trial),
-            self.tries_left
+            self.tries_left,
+            self.chosen_by
         )
     }
 

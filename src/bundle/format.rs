@@ -827,9 +827,11 @@ mod tests {
     #[test]
     fn critical_extension_is_refused_and_duplicates_too() {
         assert!(matches!(
-            parse_extensions(&[0x01, 0x80, 0, 0]),
-            Err(BundleError::UnknownCriticalExtension { tag: 0x8001 })
+            parse_extensions(&[0x02, 0x80, 0, 0]),
+            Err(BundleError::UnknownCriticalExtension { tag: 0x8002 })
         ));
+        // The kernel part is the one known critical tag (its value is checked with the table).
+        assert!(parse_extensions(&[0x01, 0x80, 0, 0]).is_ok());
         assert!(matches!(
             parse_extensions(&[1, 0, 0, 0, 1, 0, 0, 0]),
             Err(BundleError::DuplicateExtension { tag: 1 })

@@ -44,6 +44,10 @@ pub struct BootArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "env")]
     pub format: BootFormat,
+    /// This boot's kernel command line: when abupdate's UEFI loader chose the slot (it passes
+    /// `abupdate.loader=1 abupdate.slot=LABEL`), that choice stands and no second try is spent.
+    #[arg(long, default_value = "/proc/cmdline")]
+    pub kernel_cmdline: PathBuf,
 }
 
 /// `mark-good`.
@@ -234,7 +238,9 @@ pub fn boot(args: BootArgs, cfg: &Loaded) -> Result<()> {
     let settings = args.disk.merge(cfg)?;
     let mut disk = settings.open_locked()?;
     let is_block = disk.dev.is_block_device();
-    let decision = crate::boot::hook::boot(&mut disk, &settings.path, is_block)?;
+    // No command line to read (not Linux, no /proc): nothing was chosen before us.
+    let cmdline = std::fs::read_to_string(&args.kernel_cmdline).unwrap_or_default();
+    let decision = crate::boot::hook::boot(&mut disk, &settings.path, is_block, &cmdline)?;
     match args.format {
         BootFormat::Env => print!("{}", decision.to_env()),
         BootFormat::Json => println!("{}", serde_json::to_string(&decision)?),

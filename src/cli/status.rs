@@ -27,8 +27,9 @@ pub fn run(args: StatusArgs, cfg: &Loaded) -> Result<()> {
     let mut disk = settings.open(false)?;
     let mut report = disk.status()?;
     let slots = disk.slots()?;
-    let running =
-        running::find(&disk, &slots, args.running.as_deref(), Fallback::Nothing)?.map(|r| r.index);
+    let found = running::find(&disk, &slots, args.running.as_deref(), Fallback::Nothing)?;
+    let running = found.as_ref().map(|r| r.index);
+    report.running_source = found.map(|r| r.source.as_str());
     let sector_size = disk.gpt.sector_size();
     for (i, slot) in slots.iter().enumerate() {
         report.slots[i].running = running == Some(i);

@@ -115,6 +115,7 @@ mod tests {
             image_sha256,
             version: "1.2".into(),
             compatible: "x".into(),
+            kernel: None,
         };
         let json = serde_json::to_value(&rec).unwrap();
         assert_eq!(json["image_sha256"], hex::encode(image_sha256));

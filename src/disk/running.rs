@@ -22,6 +22,9 @@ pub enum RunningSource {
     KernelPartuuid,
     /// `abupdate.slot=` on the kernel command line.
     KernelSlotName,
+    /// `abupdate.loader=` with `abupdate.slot=` on the kernel command line: abupdate's UEFI
+    /// loader chose this slot, spent its try and started its kernel.
+    Loader,
     /// The initramfs hook's marker file.
     MarkerFile,
     /// The root filesystem's device is this slot's partition.
@@ -37,6 +40,7 @@ impl RunningSource {
             RunningSource::Explicit => "explicit",
             RunningSource::KernelPartuuid => "kernel-partuuid",
             RunningSource::KernelSlotName => "kernel-slot-name",
+            RunningSource::Loader => "chosen-by-loader",
             RunningSource::MarkerFile => "marker-file",
             RunningSource::RootDevice => "root-device",
             RunningSource::NextBoot => "next-boot",
@@ -47,8 +51,24 @@ impl RunningSource {
 /// Default path of the marker file the initramfs hook writes into the new root's `/run`.
 pub const MARKER_FILE: &str = "/run/abupdate-slot";
 
+/// The slot abupdate's UEFI loader chose, when the kernel command line says so: the loader
+/// passes `abupdate.loader=1 abupdate.slot=LABEL` (and `root=PARTUUID=`) to the kernel it
+/// starts, after it spent that slot's try.
+pub fn loader_choice(cmdline: &str, slots: &[Slot]) -> Option<usize> {
+    let words = || cmdline.split_whitespace();
+    words()
+        .any(|w| w.starts_with("abupdate.loader="))
+        .then_some(())?;
+    words()
+        .filter_map(|w| w.strip_prefix("abupdate.slot="))
+        .find_map(|name| slots.iter().position(|s| s.name == name))
+}
+
 /// Finds the running slot from the kernel command line text, if it names one of `slots`.
 pub fn from_cmdline(cmdline: &str, slots: &[Slot]) -> Option<(usize, RunningSource)> {
+    if let Some(i) = loader_choice(cmdline, slots) {
+        return Some((i, RunningSource::Loader));
+    }
     for word in cmdline.split_whitespace() {
         if let Some(uuid) = word.strip_prefix("root=PARTUUID=") {
             if let Some(i) = slots

@@ -266,6 +266,7 @@ impl<D: BlockDevice> AbDisk<D> {
                 .collect(),
             next_boot: next.map(|i| slots[i].name.clone()),
             running: None,
+            running_source: None,
             gpt: self.gpt.health(),
         })
     }
@@ -318,6 +319,10 @@ pub struct Status {
     pub next_boot: Option<String>,
     /// Label of the running slot, if known.
     pub running: Option<String>,
+    /// How the running slot was found (`chosen-by-loader`: the UEFI loader chose and started
+    /// it, and said so on the kernel command line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running_source: Option<&'static str>,
     /// Health of both GPT copies.
     pub gpt: Vec<CopyHealth>,
 }
@@ -361,6 +366,14 @@ impl std::fmt::Display for Status {
                 (Some(p), false) => format!("INVALID: {p}"),
             };
             writeln!(f, "gpt {:<7} (LBA {}) {}", g.copy.to_string(), g.lba, state)?;
+        }
+        if let (Some(r), Some(source)) = (&self.running, self.running_source) {
+            let how = if source == "chosen-by-loader" {
+                "chosen by the loader"
+            } else {
+                source
+            };
+            writeln!(f, "running: {r} ({how})")?;
         }
         match &self.next_boot {
             Some(n) => write!(f, "next boot: {n}"),

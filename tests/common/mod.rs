@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 
 pub mod gpt_edit;
 pub mod http_server;
+pub mod ovmf;
 
 /// Path of the abupdate binary under test.
 pub fn bin() -> PathBuf {
