@@ -188,11 +188,23 @@ fn attrs_of(data: &[u8]) -> Option<Vec<SlotAttributes>> {
 /// Cross-checks a sample of states with the real tools: cgpt reads the same attributes as
 /// the library, and sgdisk can load the table.
 fn check_with_tools(dir: &Path, data: &[u8], expected: &[SlotAttributes], what: &str) {
+    check_partitions_with_tools(dir, data, &[1, 2], expected, what)
+}
+
+/// [`check_with_tools`] for slots at partitions `parts` (a disk with the boot chain has them at
+/// 3 and 5).
+fn check_partitions_with_tools(
+    dir: &Path,
+    data: &[u8],
+    parts: &[u32],
+    expected: &[SlotAttributes],
+    what: &str,
+) {
     let path = dir.join("sample.img");
     std::fs::write(&path, data).unwrap();
     let p = path.to_str().unwrap();
-    for (i, a) in expected.iter().enumerate() {
-        let fields = cgpt_fields(p, i as u32 + 1);
+    for (&part, a) in parts.iter().zip(expected) {
+        let fields = cgpt_fields(p, part);
         assert_eq!(
             fields,
             (a.priority(), a.tries(), a.successful()),
@@ -320,6 +332,131 @@ fn cut_every_write_of_an_install(adaptive: bool) {
         "{}install: {} writes, {flushes} flushes, {} crash states explored ({booted_old} boot ROOT-A, {booted_new} boot the verified ROOT-B)",
         if adaptive { "adaptive " } else { "" },
         writes,
+        states.len()
+    );
+}
+
+/// An install of a bundle with a kernel onto a disk with the boot chain: the slot is the pair
+/// (KERN-B, ROOT-B). Every crash state boots the old good ROOT-A with its kernel untouched, or
+/// ROOT-B with both its kernel and its root fully written and its record (with the kernel's
+/// hash and the signed header) in place.
+#[test]
+fn power_cut_at_every_write_of_a_kernel_install() {
+    if !have_gpt_tools() || !on_path("mkfs.vfat") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chain.img");
+    abupdate_ok(&[
+        "disk",
+        "init",
+        path.to_str().unwrap(),
+        "--slot-size",
+        "1M",
+        "--kernel-size",
+        "256K",
+        "--esp-size",
+        "1M",
+        "--disk-size",
+        "8M",
+    ]);
+    let base = MemDevice {
+        data: std::fs::read(&path).unwrap(),
+        sector_size: 512,
+    };
+    let disk = AbDisk::open(base.clone(), "base", &labels()).unwrap();
+    let range = |e: &abupdate::disk::gpt::Entry| {
+        (
+            e.first_lba as usize * SECTOR,
+            (e.last_lba - e.first_lba + 1) as usize * SECTOR,
+        )
+    };
+    let slots = disk.slots().unwrap();
+    let roots: Vec<_> = slots.iter().map(|s| range(&s.entry)).collect();
+    let kerns: Vec<_> = slots
+        .iter()
+        .map(|s| range(s.kernel.as_ref().expect("a KERN partition")))
+        .collect();
+    let untouched = |data: &[u8]| {
+        let (o, l) = roots[0];
+        let (ko, kl) = kerns[0];
+        (sha(&data[o..o + l]), sha(&data[ko..ko + kl]))
+    };
+    let a_before = untouched(&base.data);
+
+    let (image, kernel) = (dir.path().join("v2.img"), dir.path().join("uki.efi"));
+    make_image(&image, 200 * 1024 + 3, 7);
+    make_image(&kernel, 150 * 1024 + 11, 8);
+    let (image_bytes, kernel_bytes) = (
+        std::fs::read(&image).unwrap(),
+        std::fs::read(&kernel).unwrap(),
+    );
+    let bundle = dir.path().join("v2.abup");
+    make_kernel_bundle(&image, &kernel, "2", "crash", &bundle, "64K");
+    let keyring = Keyring::load(&test_pubkey()).unwrap();
+
+    let rec = RecordingDevice::new(base.clone());
+    let mut disk = AbDisk::open(rec, "recording", &labels()).unwrap();
+    let report = install_bundle(&mut disk, &bundle, &keyring, false).unwrap();
+    assert_eq!(report.target, "ROOT-B");
+    let ops = disk.dev.log.clone();
+    let old_attrs = attrs_of(&base.data).unwrap();
+    let states = crash_states(&base.data, &ops);
+    let (mut booted_new, mut booted_old) = (0, 0);
+    for (n, (what, data)) in states.iter().enumerate() {
+        let attrs = attrs_of(data).unwrap_or_else(|| panic!("{what}: no valid GPT"));
+        assert_eq!(
+            untouched(data),
+            a_before,
+            "{what}: ROOT-A or KERN-A changed"
+        );
+        let choice =
+            select::boot_attempt(&attrs).unwrap_or_else(|| panic!("{what}: nothing boots"));
+        if choice.index == 1 {
+            let (o, l) = roots[1];
+            let b = &data[o..o + l];
+            assert_eq!(
+                &b[..image_bytes.len()],
+                &image_bytes[..],
+                "{what}: ROOT-B partial"
+            );
+            let (ko, _) = kerns[1];
+            assert_eq!(
+                &data[ko..ko + kernel_bytes.len()],
+                &kernel_bytes[..],
+                "{what}: ROOT-B boots with a partial kernel"
+            );
+            let record = SlotRecord::decode(&b[b.len() - record::RECORD_BYTES as usize..])
+                .unwrap_or_else(|| panic!("{what}: ROOT-B boots without its record"));
+            let k = record.kernel.expect("the record names the kernel");
+            assert_eq!(
+                (k.size, k.sha256),
+                (kernel_bytes.len() as u64, sha(&kernel_bytes))
+            );
+            let at = record::header_offset(l as u64, k.header_len).unwrap() as usize;
+            let header = &b[at..at + k.header_len as usize];
+            let key = std::fs::read_to_string(test_pubkey()).unwrap();
+            let key = hex::decode(key.split_whitespace().nth(1).unwrap()).unwrap();
+            let verified =
+                abupdate_core::signed_header::Verified::check(header, &[key.try_into().unwrap()])
+                    .unwrap_or_else(|e| panic!("{what}: the kept header does not verify: {e}"));
+            assert_eq!(verified.kernel().unwrap().sha256, k.sha256);
+            booted_new += 1;
+        } else {
+            assert_eq!(attrs[0], old_attrs[0], "{what}: ROOT-A attributes changed");
+            booted_old += 1;
+        }
+        if n % 25 == 0 {
+            check_partitions_with_tools(dir.path(), data, &[3, 5], &attrs, what);
+        }
+    }
+    assert!(
+        booted_new > 0 && booted_old > 0,
+        "the cut points must cover both outcomes"
+    );
+    println!(
+        "kernel install: {} ops, {} crash states explored ({booted_old} boot ROOT-A, {booted_new} boot the verified pair KERN-B + ROOT-B)",
+        ops.len(),
         states.len()
     );
 }

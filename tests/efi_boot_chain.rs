@@ -14,11 +14,15 @@
 //!   spends its tries, each boot ends in the panic, and then the loader falls back to B with
 //!   no Linux code of ours having run in between;
 //! - a KERN partition altered after install (one byte) is refused by the loader, which says
-//!   why and boots the other slot.
+//!   why and boots the other slot;
+//! - Secure Boot: OVMF enforcing with Debian's snakeoil test key boots the `sbsign`ed loader
+//!   and UKI, refuses a loader with one byte changed, and refuses an unsigned UKI the loader
+//!   hands it.
 //!
 //! Power cuts while the loader spends a try are tests/efi.rs's (the same write path).
-//! Needs what tests/efi.rs and tests/qemu.rs need, plus objcopy (binutils) and the systemd EFI
-//! stub (systemd-boot-efi); under `CI=true` a missing one fails.
+//! Needs what tests/efi.rs and tests/qemu.rs need, plus objcopy (binutils), the systemd EFI
+//! stub (systemd-boot-efi), and for Secure Boot sbsign (sbsigntool) and openssl; under
+//! `CI=true` a missing one fails.
 
 mod common;
 
@@ -27,7 +31,10 @@ use std::process::Command;
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::ovmf::{build_loader, console_lines, ovmf_present, start_ovmf};
+use common::ovmf::{
+    build_loader, console_lines, ovmf_present, start_firmware, Firmware, PLAIN, SNAKEOIL_CERT,
+    SNAKEOIL_KEY, SNAKEOIL_SECURE_BOOT,
+};
 use common::*;
 
 const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
@@ -56,7 +63,11 @@ fn run(cmd: &mut Command) -> String {
 /// Everything the scenarios boot, built once per test process.
 struct Assets {
     work: PathBuf,
+    key_secret: PathBuf,
     key_public: PathBuf,
+    loader: PathBuf,
+    rootfs_v1: PathBuf,
+    uki_v1: PathBuf,
     disk_v1: PathBuf,
     bundle_v2: PathBuf,
     bundle_v3_panic: PathBuf,
@@ -159,7 +170,18 @@ fn build_assets() -> Option<Assets> {
         out
     };
     let (rootfs_v1, rootfs_v2) = (rootfs("1"), rootfs("2"));
-    let bundle_v1 = bundle("1", &rootfs_v1, &uki("v1", &marker("v1")));
+    let uki_v1 = uki("v1", &marker("v1"));
+    // scripts/build-uki is reproducible: the same inputs give the same bytes (objcopy would
+    // stamp the time into the PE header; the script puts the stub's back).
+    let again = at("uki-v1-again.efi");
+    std::fs::copy(&uki_v1, &again).unwrap();
+    let _ = uki("v1", &at("marker-v1.cpio.gz"));
+    assert_eq!(
+        sha256_file(&uki_v1),
+        sha256_file(&again),
+        "scripts/build-uki gave different bytes for the same inputs"
+    );
+    let bundle_v1 = bundle("1", &rootfs_v1, &uki_v1);
     let bundle_v2 = bundle("2", &rootfs_v2, &uki("v2", &marker("v2")));
     // v3's root is fine; its kernel never reaches the initramfs's /init.
     let bundle_v3_panic = bundle("3", &rootfs_v2, &uki("v3-panic", &panic_initrd));
@@ -187,7 +209,11 @@ fn build_assets() -> Option<Assets> {
     );
     Some(Assets {
         work,
+        key_secret,
         key_public,
+        loader,
+        rootfs_v1,
+        uki_v1,
         disk_v1,
         bundle_v2,
         bundle_v3_panic,
@@ -248,6 +274,17 @@ impl Console {
 /// Boots `disk` (its own ESP) as the first virtio disk, with `bundle` (zero-padded to whole
 /// sectors) as the second one when given, until the VM powers off or resets (`-no-reboot`).
 fn boot(dir: &Path, disk: &Path, bundle: Option<&Path>) -> Console {
+    boot_on(&PLAIN, dir, disk, bundle, None)
+}
+
+/// [`boot`] on `firmware`; the VM is also stopped at the first line containing `stop_at`.
+fn boot_on(
+    firmware: &Firmware,
+    dir: &Path,
+    disk: &Path,
+    bundle: Option<&Path>,
+    stop_at: Option<&str>,
+) -> Console {
     let mut drives = vec![format!("if=virtio,format=raw,file={}", disk.display())];
     if let Some(bundle) = bundle {
         let padded = dir.join("bundle.padded");
@@ -259,13 +296,20 @@ fn boot(dir: &Path, disk: &Path, bundle: Option<&Path>) -> Console {
         ));
     }
     let started = Instant::now();
-    let mut child = start_ovmf(dir, 512, &drives);
+    let mut child = start_firmware(firmware, dir, 512, &drives);
     let lines = console_lines(&mut child);
     let deadline = started + Duration::from_secs(240);
     let mut seen = Vec::new();
     loop {
         match lines.recv_timeout(Duration::from_millis(500)) {
-            Ok(line) => seen.push(line),
+            Ok(line) => {
+                let stop = stop_at.is_some_and(|s| line.contains(s));
+                seen.push(line);
+                if stop {
+                    let _ = child.kill();
+                    break;
+                }
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > deadline => {
                 let _ = child.kill();
@@ -432,4 +476,139 @@ fn efi_a_kern_partition_altered_after_install_is_refused_and_the_other_slot_boot
     c.assert_lacks("altered KERN-B", &["KERNEL-MARKER v2"]);
     assert_eq!(roots(&disk)[1], (0, 0, false), "ROOT-B is marked bad");
     assert_eq!(roots(&disk)[0], (1, 0, true), "ROOT-A is as it was");
+}
+
+/// Secure Boot (OVMF with the snakeoil key enrolled, enforcing): the loader and the UKI signed
+/// with `sbsign` boot; a loader with one byte changed is not started by the firmware; a UKI
+/// that is not signed is refused by the firmware when the loader loads it, and the loader
+/// says so. Firmware → loader → kernel is a verified chain.
+#[test]
+fn efi_secure_boot_verifies_the_loader_and_each_kernel_it_starts() {
+    let Some((dir, _)) = fresh("secure-boot") else {
+        return;
+    };
+    if !have(
+        "sbsign (sbsigntool), openssl and OVMF's snakeoil Secure Boot files",
+        on_path("sbsign")
+            && on_path("openssl")
+            && [
+                SNAKEOIL_SECURE_BOOT.code,
+                SNAKEOIL_SECURE_BOOT.vars,
+                SNAKEOIL_KEY,
+                SNAKEOIL_CERT,
+            ]
+            .iter()
+            .all(|f| Path::new(f).exists()),
+    ) {
+        return;
+    }
+    let a = assets().unwrap();
+    let at = |name: &str| dir.join(name);
+    let key = at("snakeoil.key");
+    run(Command::new("openssl")
+        .args([
+            "pkey",
+            "-passin",
+            "pass:snakeoil",
+            "-in",
+            SNAKEOIL_KEY,
+            "-out",
+        ])
+        .arg(&key));
+    let sign = |input: &Path, name: &str| {
+        let out = at(name);
+        run(Command::new("sbsign")
+            .arg("--key")
+            .arg(&key)
+            .args(["--cert", SNAKEOIL_CERT, "--output"])
+            .arg(&out)
+            .arg(input));
+        out
+    };
+    let loader = sign(&a.loader, "loader.signed.efi");
+    let mut tampered = std::fs::read(&loader).unwrap();
+    tampered[0x1000] ^= 0x01;
+    let tampered_loader = at("loader.tampered.efi");
+    std::fs::write(&tampered_loader, tampered).unwrap();
+    let uki = sign(&a.uki_v1, "uki-v1.signed.efi");
+    let disk = |name: &str, loader: &Path, kernel: &Path| {
+        let bundle = at(&format!("{name}.abup"));
+        abupdate_ok(&[
+            "bundle",
+            "create",
+            "--image",
+            a.rootfs_v1.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--key",
+            a.key_secret.to_str().unwrap(),
+            "--version",
+            "1",
+            "--compatible",
+            COMPATIBLE,
+            "--chunk-size",
+            "256K",
+            "--out",
+            bundle.to_str().unwrap(),
+        ]);
+        let disk = at(&format!("{name}.img"));
+        abupdate_ok(&[
+            "disk",
+            "init",
+            disk.to_str().unwrap(),
+            "--slot-size",
+            "40M",
+            "--kernel-size",
+            "32M",
+            "--efi",
+            loader.to_str().unwrap(),
+            "--seed",
+            bundle.to_str().unwrap(),
+            "--keyring",
+            a.key_public.to_str().unwrap(),
+        ]);
+        disk
+    };
+    let sb = &SNAKEOIL_SECURE_BOOT;
+
+    let c = boot_on(sb, &dir, &disk("signed", &loader, &uki), None, None);
+    c.assert_has(
+        "signed chain",
+        &[
+            "abupdate-loader: secure boot on",
+            "abupdate-loader: chose ROOT-A",
+            "KERNEL-MARKER v1",
+            "BOOTED ROOT-A 1 good",
+        ],
+    );
+
+    // The firmware refuses the changed loader and falls through its boot options.
+    let c = boot_on(
+        sb,
+        &dir,
+        &disk("tampered-loader", &tampered_loader, &uki),
+        None,
+        Some("No bootable option"),
+    );
+    c.assert_has("tampered loader", &["Access Denied"]);
+    c.assert_lacks("tampered loader", &["abupdate-loader:", "KERNEL-MARKER"]);
+
+    // An unsigned kernel image passes our own check (our key signed the bundle) but not the
+    // firmware's: the loader reports the refusal and starts nothing.
+    let c = boot_on(
+        sb,
+        &dir,
+        &disk("unsigned-kernel", &loader, &a.uki_v1),
+        None,
+        None,
+    );
+    c.assert_has(
+        "unsigned UKI",
+        &[
+            "kernel of ROOT-A version 1 verified",
+            "kernel of ROOT-A: the firmware refused to load it",
+            "no bootable slot",
+        ],
+    );
+    c.assert_lacks("unsigned UKI", &["KERNEL-MARKER"]);
 }

@@ -156,7 +156,7 @@ pub enum HeaderError {
     #[error("header lengths do not add up ({0})")]
     Lengths(&'static str),
     /// No trusted key has the signer's key id.
-    #[error("signed by key {key_id:02x?}, which is not trusted")]
+    #[error("signed by key {}, which is not trusted", KeyIdHex(key_id))]
     UntrustedKey {
         /// The signer key id in the header.
         key_id: [u8; 8],
@@ -173,6 +173,15 @@ pub enum HeaderError {
     /// The kernel extension is malformed.
     #[error("kernel extension: {0}")]
     KernelExtension(&'static str),
+}
+
+/// A key id as 16 hex digits, as `abupdate` prints key ids.
+struct KeyIdHex<'a>(&'a [u8; 8]);
+
+impl core::fmt::Display for KeyIdHex<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
 }
 
 /// A header whose signature verified under one of the trusted keys.
@@ -372,10 +381,14 @@ mod tests {
         let key = SigningKey::from_bytes(&[3; 32]);
         let other = SigningKey::from_bytes(&[4; 32]);
         let bytes = header(&key, Some(&kernel()));
-        assert!(matches!(
-            Verified::check(&bytes, &[*other.verifying_key().as_bytes()]),
-            Err(HeaderError::UntrustedKey { .. })
-        ));
+        let refused = Verified::check(&bytes, &[*other.verifying_key().as_bytes()]).unwrap_err();
+        assert!(matches!(refused, HeaderError::UntrustedKey { .. }));
+        let id = key_id(key.verifying_key().as_bytes());
+        let hex: alloc::string::String = id.iter().map(|b| alloc::format!("{b:02x}")).collect();
+        assert_eq!(
+            alloc::format!("{refused}"),
+            alloc::format!("signed by key {hex}, which is not trusted")
+        );
         let trusted = [*key.verifying_key().as_bytes()];
         assert!(Verified::check(&bytes[..bytes.len() - 1], &trusted).is_err());
         let plain = header(&key, None);

@@ -1,7 +1,7 @@
 //! The slot record: what is installed in a slot, kept in the slot partition's last 4 KiB.
 //!
 //! Encoding and decoding only; reading the record from a slot and hashing the slot's content
-//! happen in `abupdate::footer`.
+//! happen in `abupdate::disk::record`; the loader reads it in `loader/src/kernel.rs`.
 //!
 //! Why there and not in the GPT partition name: the name is how slots are found (and what
 //! cgpt, sgdisk and udev show as the label), so it must stay stable; and a GPT write is the

@@ -199,3 +199,15 @@ pub fn start_image(image: &[u8], cmdline: &str) -> Result<(), String> {
         Err(e) => Err(alloc::format!("it failed to start: {:?}", e.status())),
     }
 }
+
+/// Whether the firmware enforces Secure Boot (the global `SecureBoot` variable is 1): then it
+/// has checked this loader's signature, and `LoadImage` checks the kernel image's.
+pub fn secure_boot() -> bool {
+    let mut value = [0u8; 1];
+    uefi::runtime::get_variable(
+        uefi::cstr16!("SecureBoot"),
+        &uefi::runtime::VariableVendor::GLOBAL_VARIABLE,
+        &mut value,
+    )
+    .is_ok_and(|(v, _)| v == [1])
+}

@@ -60,6 +60,14 @@ fn main() -> Status {
 
 /// Chooses, verifies and starts a slot; returns only why nothing could be started.
 fn boot() -> String {
+    log::info!(
+        "abupdate-loader: secure boot {}",
+        if firmware::secure_boot() {
+            "on: the firmware checked this loader, and checks each kernel image it loads"
+        } else {
+            "off"
+        }
+    );
     let mut ab = match slots::find() {
         Ok(ab) => ab,
         Err(why) => return why,

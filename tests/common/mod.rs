@@ -262,6 +262,35 @@ pub fn make_bundle_chunked(
     ]);
 }
 
+/// Bundles `image` and a `kernel` image (for the slot's KERN partition) with the test key.
+pub fn make_kernel_bundle(
+    image: &Path,
+    kernel: &Path,
+    version: &str,
+    compatible: &str,
+    out: &Path,
+    chunk_size: &str,
+) {
+    abupdate_ok(&[
+        "bundle",
+        "create",
+        "--image",
+        image.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--key",
+        test_key().to_str().unwrap(),
+        "--version",
+        version,
+        "--compatible",
+        compatible,
+        "--out",
+        out.to_str().unwrap(),
+        "--chunk-size",
+        chunk_size,
+    ]);
+}
+
 /// SHA-256 of `len` bytes at `offset` of a file.
 pub fn sha256_range(path: &Path, offset: u64, len: u64) -> String {
     use std::io::{Read, Seek, SeekFrom};

@@ -72,18 +72,67 @@ pub fn make_esp(dir: &Path, name: &str, loader: &Path) -> PathBuf {
     esp
 }
 
+/// Which OVMF build a VM runs.
+pub struct Firmware {
+    /// The code image (read-only pflash).
+    pub code: &'static str,
+    /// The variable store template (copied per VM).
+    pub vars: &'static str,
+    /// Secure Boot builds need SMM and a secure pflash.
+    pub secure_boot: bool,
+}
+
+/// OVMF without Secure Boot.
+pub const PLAIN: Firmware = Firmware {
+    code: OVMF_CODE,
+    vars: OVMF_VARS,
+    secure_boot: false,
+};
+
+/// Debian's OVMF with Secure Boot enforced and the "snakeoil" test key enrolled in PK, KEK and
+/// db (its private key and certificate ship in `ovmf` for testers: [`SNAKEOIL_KEY`],
+/// [`SNAKEOIL_CERT`], password `snakeoil`).
+pub const SNAKEOIL_SECURE_BOOT: Firmware = Firmware {
+    code: "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd",
+    vars: "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd",
+    secure_boot: true,
+};
+/// The snakeoil signing key (encrypted, password `snakeoil`).
+pub const SNAKEOIL_KEY: &str = "/usr/share/ovmf/PkKek-1-snakeoil.key";
+/// Its certificate.
+pub const SNAKEOIL_CERT: &str = "/usr/share/ovmf/PkKek-1-snakeoil.pem";
+
 /// Starts OVMF (q35, TCG, `-no-reboot`: a reset ends the VM) with `memory_mib` and these
 /// drives, each a `-drive` option value such as `format=raw,file=disk.img`. The console,
 /// mirrored to the serial line, comes out on the child's stdout.
 pub fn start_ovmf(dir: &Path, memory_mib: u32, drives: &[String]) -> Child {
+    start_firmware(&PLAIN, dir, memory_mib, drives)
+}
+
+/// [`start_ovmf`] on the given firmware.
+pub fn start_firmware(
+    firmware: &Firmware,
+    dir: &Path,
+    memory_mib: u32,
+    drives: &[String],
+) -> Child {
     let vars = dir.join("vars.fd");
-    std::fs::copy(OVMF_VARS, &vars).unwrap();
+    std::fs::copy(firmware.vars, &vars).unwrap();
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-machine", "q35", "-accel", "tcg"])
+    if firmware.secure_boot {
+        qemu.args(["-machine", "q35,smm=on"])
+            .args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+    } else {
+        qemu.args(["-machine", "q35"]);
+    }
+    qemu.args(["-accel", "tcg"])
         .args(["-m", &memory_mib.to_string()])
         .args(["-nographic", "-no-reboot", "-net", "none"])
         .arg("-drive")
-        .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+        .arg(format!(
+            "if=pflash,format=raw,readonly=on,file={}",
+            firmware.code
+        ))
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,file={}", vars.display()));
     for drive in drives {
