@@ -5,6 +5,7 @@
 //!   kernel's frames, a cut inside them, and bytes after them are refused;
 //! - `install` writes the root into ROOT-B and the kernel into KERN-B, records both and the
 //!   signed header, flips once; `--adaptive` copies kernel chunks from the running KERN-A;
+//!   `mark-good` verifies the pair (a changed KERN byte is refused);
 //! - mismatches are refused before anything is written (exit 8 or 3, disk byte-identical): a
 //!   kernel bundle on a disk without KERN partitions, a bundle without a kernel on a paired
 //!   slot, a kernel larger than KERN-x.
@@ -149,7 +150,20 @@ fn install_writes_kernel_and_root_into_the_pair_and_records_both() {
     let st = status_json(&disk, &[]);
     assert_eq!(st["slots"][1]["version"], "2", "{st}");
     assert_eq!(st["slots"][1]["kernel_partition"], 4, "{st}");
-    // The health commit verifies the slot and marks it good.
+    // The health commit verifies the pair: a byte of KERN-B changed since the install makes
+    // mark-good refuse (exit 8, nothing written); the intact pair is marked good.
+    let altered = dir.path().join("altered.img");
+    std::fs::copy(&disk, &altered).unwrap();
+    let mut bytes = std::fs::read(&altered).unwrap();
+    bytes[kern_b as usize + 100] ^= 0x01;
+    std::fs::write(&altered, bytes).unwrap();
+    let before = sha256_file(&altered);
+    let a = altered.to_str().unwrap();
+    let out = abupdate(&["mark-good", "--disk", a, "--slot", "ROOT-B"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("KERN-B of version 2"), "{stderr}");
+    assert_eq!(sha256_file(&altered), before);
     abupdate_ok(&["mark-good", "--disk", &disk, "--slot", "ROOT-B"]);
     assert_sgdisk_clean(&disk);
 }
@@ -215,4 +229,49 @@ fn mismatched_bundles_and_layouts_are_refused_with_the_disk_unchanged() {
             "{what}: the disk changed"
         );
     }
+}
+
+#[test]
+fn behind_the_loader_abupdate_boot_spends_no_second_try_and_status_says_who_chose() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = chain_disk(dir.path()) else {
+        return;
+    };
+    let (bundle, _) = v2_bundle(dir.path());
+    let args = install_args(bundle.to_str().unwrap(), &disk);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    abupdate_ok(&args);
+    assert_eq!(cgpt_fields(&disk, 5), (2, 3, false));
+    // The loader chose ROOT-B and spent its try (as it would: T3 -> T2).
+    abupdate_ok(&[
+        "set-attributes",
+        "--disk",
+        &disk,
+        "--slot",
+        "ROOT-B",
+        "--tries",
+        "2",
+    ]);
+    let before = sha256_file(Path::new(&disk));
+    let cmdline = dir.path().join("cmdline");
+    std::fs::write(
+        &cmdline,
+        "root=PARTUUID=x abupdate.slot=ROOT-B abupdate.loader=1 console=ttyS0\n",
+    )
+    .unwrap();
+    let c = cmdline.to_str().unwrap();
+    let env = abupdate_ok(&["boot", "--disk", &disk, "--kernel-cmdline", c]);
+    assert!(env.contains("ABUPDATE_SLOT='ROOT-B'"), "{env}");
+    assert!(env.contains("ABUPDATE_CHOSEN_BY=loader"), "{env}");
+    assert!(env.contains("ABUPDATE_TRIES_LEFT=2"), "{env}");
+    assert_eq!(
+        sha256_file(Path::new(&disk)),
+        before,
+        "a second try was spent"
+    );
+    // Without the loader's words the hook chooses and spends, as always.
+    std::fs::write(&cmdline, "console=ttyS0\n").unwrap();
+    let env = abupdate_ok(&["boot", "--disk", &disk, "--kernel-cmdline", c]);
+    assert!(env.contains("ABUPDATE_CHOSEN_BY=abupdate-boot"), "{env}");
+    assert_eq!(cgpt_fields(&disk, 5), (2, 1, false));
 }
