@@ -149,24 +149,15 @@ fn build_assets() -> Option<Assets> {
     run(Command::new(script("build-panic-initrd")).arg(&panic_initrd));
     let bundle = |version: &str, image: &Path, kernel: &Path| {
         let out = at(&format!("v{version}.abup"));
-        abupdate_ok(&[
-            "bundle",
-            "create",
-            "--image",
-            image.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--key",
-            key_secret.to_str().unwrap(),
-            "--version",
+        create_bundle(
+            image,
+            Some(kernel),
+            &key_secret,
             version,
-            "--compatible",
             COMPATIBLE,
-            "--chunk-size",
+            &out,
             "256K",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        );
         out
     };
     let (rootfs_v1, rootfs_v2) = (rootfs("1"), rootfs("2"));
@@ -187,21 +178,7 @@ fn build_assets() -> Option<Assets> {
     let bundle_v3_panic = bundle("3", &rootfs_v2, &uki("v3-panic", &panic_initrd));
 
     let disk_v1 = at("disk-v1.img");
-    abupdate_ok(&[
-        "disk",
-        "init",
-        disk_v1.to_str().unwrap(),
-        "--slot-size",
-        "40M",
-        "--kernel-size",
-        "32M",
-        "--efi",
-        loader.to_str().unwrap(),
-        "--seed",
-        bundle_v1.to_str().unwrap(),
-        "--keyring",
-        key_public.to_str().unwrap(),
-    ]);
+    chain_disk(&disk_v1, &loader, &bundle_v1, &key_public);
     eprintln!(
         "efi boot chain: assets ready in {:.1} s in {}",
         t0.elapsed().as_secs_f64(),
@@ -218,6 +195,26 @@ fn build_assets() -> Option<Assets> {
         bundle_v2,
         bundle_v3_panic,
     })
+}
+
+/// `disk init` of a disk with the boot chain (32 MiB kernel partitions, 40 MiB slots), `loader`
+/// on its ESP and `bundle` seeded into the pair (KERN-A, ROOT-A).
+fn chain_disk(disk: &Path, loader: &Path, bundle: &Path, keyring: &Path) {
+    abupdate_ok(&[
+        "disk",
+        "init",
+        disk.to_str().unwrap(),
+        "--slot-size",
+        "40M",
+        "--kernel-size",
+        "32M",
+        "--efi",
+        loader.to_str().unwrap(),
+        "--seed",
+        bundle.to_str().unwrap(),
+        "--keyring",
+        keyring.to_str().unwrap(),
+    ]);
 }
 
 /// What one boot printed on the console.
@@ -533,40 +530,18 @@ fn efi_secure_boot_verifies_the_loader_and_each_kernel_it_starts() {
     let uki = sign(&a.uki_v1, "uki-v1.signed.efi");
     let disk = |name: &str, loader: &Path, kernel: &Path| {
         let bundle = at(&format!("{name}.abup"));
-        abupdate_ok(&[
-            "bundle",
-            "create",
-            "--image",
-            a.rootfs_v1.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--key",
-            a.key_secret.to_str().unwrap(),
-            "--version",
+        let image = &a.rootfs_v1;
+        create_bundle(
+            image,
+            Some(kernel),
+            &a.key_secret,
             "1",
-            "--compatible",
             COMPATIBLE,
-            "--chunk-size",
+            &bundle,
             "256K",
-            "--out",
-            bundle.to_str().unwrap(),
-        ]);
+        );
         let disk = at(&format!("{name}.img"));
-        abupdate_ok(&[
-            "disk",
-            "init",
-            disk.to_str().unwrap(),
-            "--slot-size",
-            "40M",
-            "--kernel-size",
-            "32M",
-            "--efi",
-            loader.to_str().unwrap(),
-            "--seed",
-            bundle.to_str().unwrap(),
-            "--keyring",
-            a.key_public.to_str().unwrap(),
-        ]);
+        chain_disk(&disk, loader, &bundle, &a.key_public);
         disk
     };
     let sb = &SNAKEOIL_SECURE_BOOT;

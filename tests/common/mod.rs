@@ -244,22 +244,15 @@ pub fn make_bundle_chunked(
     out: &Path,
     chunk_size: &str,
 ) {
-    abupdate_ok(&[
-        "bundle",
-        "create",
-        "--image",
-        image.to_str().unwrap(),
-        "--key",
-        test_key().to_str().unwrap(),
-        "--version",
+    create_bundle(
+        image,
+        None,
+        &test_key(),
         version,
-        "--compatible",
         compatible,
-        "--out",
-        out.to_str().unwrap(),
-        "--chunk-size",
+        out,
         chunk_size,
-    ]);
+    );
 }
 
 /// Bundles `image` and a `kernel` image (for the slot's KERN partition) with the test key.
@@ -271,15 +264,35 @@ pub fn make_kernel_bundle(
     out: &Path,
     chunk_size: &str,
 ) {
-    abupdate_ok(&[
+    let key = test_key();
+    create_bundle(
+        image,
+        Some(kernel),
+        &key,
+        version,
+        compatible,
+        out,
+        chunk_size,
+    );
+}
+
+/// `abupdate bundle create` with every choice: an optional kernel, the secret `key`.
+pub fn create_bundle(
+    image: &Path,
+    kernel: Option<&Path>,
+    key: &Path,
+    version: &str,
+    compatible: &str,
+    out: &Path,
+    chunk_size: &str,
+) {
+    let mut args = vec![
         "bundle",
         "create",
         "--image",
         image.to_str().unwrap(),
-        "--kernel",
-        kernel.to_str().unwrap(),
         "--key",
-        test_key().to_str().unwrap(),
+        key.to_str().unwrap(),
         "--version",
         version,
         "--compatible",
@@ -288,7 +301,11 @@ pub fn make_kernel_bundle(
         out.to_str().unwrap(),
         "--chunk-size",
         chunk_size,
-    ]);
+    ];
+    if let Some(kernel) = kernel {
+        args.extend(["--kernel", kernel.to_str().unwrap()]);
+    }
+    abupdate_ok(&args);
 }
 
 /// SHA-256 of `len` bytes at `offset` of a file.
