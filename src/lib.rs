@@ -30,3 +30,4 @@ pub mod exit;
 pub mod fetch;
 pub mod install;
 pub(crate) mod pipeline;
+pub mod service;

@@ -18,6 +18,7 @@ pub mod disk;
 pub mod install;
 pub mod keygen;
 pub mod output;
+pub mod service;
 pub mod settings;
 pub mod slot_ops;
 pub mod status;
@@ -77,6 +78,8 @@ pub enum Command {
     Channel(channel::ChannelCommand),
     /// Low-level: set a slot's cgpt attributes directly (like `cgpt add -P -T -S`).
     SetAttributes(slot_ops::SetAttributesArgs),
+    /// Serve io.abupdate.Updater1 on D-Bus: status, progress and control for other programs.
+    Service(service::ServiceArgs),
 }
 
 impl Command {
@@ -107,6 +110,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Disk(cmd) => disk::run(cmd),
         Command::Status(args) => status::run(args, cfg),
+        Command::Service(args) => service::run(args, cfg),
         Command::Boot(args) => slot_ops::boot(args, cfg),
         Command::MarkGood(args) => slot_ops::mark_good(args, cfg),
         Command::MarkBad(args) => slot_ops::mark_bad(args, cfg),

@@ -477,3 +477,60 @@ fn flags_win_over_the_config_file() {
     let err = a.disk.merge(&Loaded::default()).unwrap_err();
     assert_eq!(super::classify(&err), crate::exit::Exit::Usage);
 }
+
+#[test]
+fn service_parses_its_flags() {
+    let Command::Service(a) = parse(&[
+        "service",
+        "--disk",
+        "d.img",
+        "--bus-address",
+        "unix:path=/run/test-bus",
+        "--keyring",
+        "k.pub",
+        "--tries",
+        "2",
+        "--sentinel",
+        "none",
+    ]) else {
+        panic!("not service")
+    };
+    assert_eq!(a.bus_address.as_deref(), Some("unix:path=/run/test-bus"));
+    assert_eq!(a.tries, Some(2));
+    assert_eq!(a.sentinel.as_deref(), Some(Path::new("none")));
+    assert_eq!(
+        usage_error(&["service", "--tries", "0"]).kind(),
+        ErrorKind::ValueValidation
+    );
+}
+
+#[test]
+fn boot_and_bundle_create_take_the_boot_chain_flags() {
+    let Command::Boot(a) = parse(&["boot", "--disk", "d", "--kernel-cmdline", "/tmp/c"]) else {
+        panic!("not boot")
+    };
+    assert_eq!(a.kernel_cmdline, PathBuf::from("/tmp/c"));
+    let Command::Boot(a) = parse(&["boot", "--disk", "d"]) else {
+        panic!("not boot")
+    };
+    assert_eq!(a.kernel_cmdline, PathBuf::from("/proc/cmdline"));
+    let Command::Bundle(BundleCommand::Create { kernel, .. }) = parse(&[
+        "bundle",
+        "create",
+        "--image",
+        "i",
+        "--key",
+        "k",
+        "--version",
+        "1",
+        "--compatible",
+        "c",
+        "--out",
+        "o",
+        "--kernel",
+        "uki.efi",
+    ]) else {
+        panic!("not bundle create")
+    };
+    assert_eq!(kernel, Some(PathBuf::from("uki.efi")));
+}
