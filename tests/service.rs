@@ -7,9 +7,12 @@
 //!   up and reach the total only in the read-back; `Completed` reports exit 0; the slot is
 //!   installed and on trial;
 //! - `Cancel` midway: `Completed` with exit 130, the target unbootable, the running slot
-//!   untouched; the service killed (SIGKILL) mid-install: the same;
+//!   untouched; the service killed (SIGKILL) mid-install: the same; the disk lock excludes the
+//!   CLI while the service installs;
 //! - the bus policy from `dist/dbus/`: an unprivileged user reads properties but its method
-//!   calls are refused by the bus.
+//!   calls are refused by the bus;
+//! - `Check` and `Update` against a channel on a loopback HTTP server: the verdict in
+//!   `ChannelVerdict`, then the install, as `abupdate update` does.
 
 mod common;
 
@@ -30,6 +33,7 @@ struct Bus {
     daemon: Child,
     service: Option<Child>,
     dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Drop for Bus {
@@ -47,6 +51,11 @@ impl Bus {
     /// Starts `dbus-daemon` on a socket in `dir` with a permissive default policy followed by
     /// the shipped one (`dist/dbus/io.abupdate.Updater1.conf`), then the service on `disk`.
     fn start(dir: &Path, disk: &str) -> Option<Bus> {
+        Bus::start_with(dir, disk, &[])
+    }
+
+    /// [`Bus::start`] with `extra` service arguments.
+    fn start_with(dir: &Path, disk: &str, extra: &[&str]) -> Option<Bus> {
         if !have(
             "dbus-daemon, busctl and setpriv (Debian dbus, systemd, util-linux)",
             on_path("dbus-daemon") && on_path("busctl") && on_path("setpriv"),
@@ -94,6 +103,7 @@ impl Bus {
             daemon,
             service: None,
             dir: dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         bus.start_service(disk);
         Some(bus)
@@ -106,6 +116,7 @@ impl Bus {
             .arg(test_pubkey())
             .args(["--compatible", "test-board", "--sentinel", "none"])
             .args(["--bus-address", &self.address])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -249,6 +260,9 @@ fn service_installs_with_progress_signals_one_operation_at_a_time() {
     let (ok, out) = bus.call("MarkGood", &["s", "ROOT-A"]);
     assert!(!ok && out.contains("install is in progress"), "{out}");
     assert_eq!(bus.property("Operation"), "install");
+    // The service holds the disk lock: the CLI is excluded as from another CLI (exit 7).
+    let out = abupdate(&["mark-good", "--disk", &disk, "--slot", "ROOT-A"]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
     drop(feed(&fifo, &bundle));
     bus.wait_idle();
     assert_eq!(bus.property("LastError"), serde_json::json!(["", 0]));
@@ -379,4 +393,66 @@ fn service_cancel_and_kill_leave_the_target_unbootable_and_policy_refuses_strang
     bus.wait_idle();
     assert_eq!(bus.property("LastError"), serde_json::json!(["", 0]));
     assert_eq!(cgpt_fields(&disk, 2), (2, 3, false));
+}
+
+#[test]
+fn service_checks_and_updates_from_a_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = seeded_disk(dir.path());
+    let srv = common::http_server::Server::start();
+    let index = dir.path().join("index.json");
+    let bundle = dir.path().join("v2.abup");
+    abupdate_ok(&[
+        "channel",
+        "create",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--key",
+        test_key().to_str().unwrap(),
+        "--out",
+        index.to_str().unwrap(),
+    ]);
+    srv.put("/stable/index.json", std::fs::read(&index).unwrap());
+    srv.put("/stable/v2.abup", std::fs::read(&bundle).unwrap());
+    let url = srv.url("/stable/index.json");
+    let cache = dir.path().join("cache");
+    let extra = [
+        "--channel",
+        &url,
+        "--running",
+        "ROOT-A",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ];
+    let Some(bus) = Bus::start_with(dir.path(), &disk, &extra) else {
+        return;
+    };
+    assert_eq!(bus.property("NextBoot"), "ROOT-A");
+    assert_eq!(bus.property("ChannelVerdict"), "");
+    let (ok, out) = bus.call("Check", &[]);
+    assert!(ok, "{out}");
+    bus.wait_idle();
+    let verdict: serde_json::Value =
+        serde_json::from_str(bus.property("ChannelVerdict").as_str().unwrap()).unwrap();
+    assert_eq!(verdict["verdict"], "available", "{verdict}");
+    assert_eq!(verdict["latest_version"], "2.0", "{verdict}");
+    assert!(
+        srv.requests_for("/stable/v2.abup").is_empty(),
+        "Check downloads nothing"
+    );
+    let (ok, out) = bus.call("Update", &[]);
+    assert!(ok, "{out}");
+    bus.wait_idle();
+    assert_eq!(bus.property("LastError"), serde_json::json!(["", 0]));
+    assert_eq!(
+        cgpt_fields(&disk, 2),
+        (2, 3, false),
+        "v2 in ROOT-B, on trial"
+    );
+    assert_eq!(bus.property("NextBoot"), "ROOT-B");
+    let progress = bus.property("Progress");
+    assert_eq!(
+        (&progress[0], &progress[2]),
+        (&progress[1], &serde_json::json!("done"))
+    );
 }

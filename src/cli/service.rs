@@ -6,7 +6,9 @@ use anyhow::Result;
 use clap::Args;
 
 use super::settings::{self, DiskFlags, FetchFlags};
+use super::update::ChannelFlags;
 use crate::config::Loaded;
+use crate::fetch::update::UpdateSettings;
 use crate::install::InstallOptions;
 use crate::service::ServiceConfig;
 
@@ -15,15 +17,18 @@ use crate::service::ServiceConfig;
 pub struct ServiceArgs {
     #[command(flatten)]
     pub disk: DiskFlags,
-    /// Trusted public key file or directory of *.pub files [default: /etc/abupdate/keys] [config: keyring].
-    #[arg(long)]
-    pub keyring: Option<PathBuf>,
+    /// The update channel, keyring, compatible string (also for `Install`).
+    #[command(flatten)]
+    pub channel: ChannelFlags,
     /// Tries given to a new slot [default: 3] [config: tries].
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=15))]
     pub tries: Option<u8>,
-    /// This device's compatible string (default: the running slot's recorded one) [config: compatible].
+    /// What `Update` does: auto, download-only or off [config: strategy].
+    #[arg(long, value_enum)]
+    pub strategy: Option<crate::config::Strategy>,
+    /// Where `Update` keeps downloads [config: cache_dir].
     #[arg(long)]
-    pub compatible: Option<String>,
+    pub cache_dir: Option<PathBuf>,
     /// The D-Bus address to serve on (default: the system bus).
     #[arg(long, env = "ABUPDATE_BUS_ADDRESS")]
     pub bus_address: Option<String>,
@@ -42,17 +47,33 @@ pub fn run(args: ServiceArgs, cfg: &Loaded) -> Result<()> {
         Some(p) => Some(p),
         None => Some(PathBuf::from(crate::install::DEFAULT_SENTINEL)),
     };
+    let channel = args.channel.merge(cfg);
+    let tries = settings::tries(args.tries, cfg);
+    let adaptive = settings::adaptive(false, cfg);
+    let c = &cfg.config;
     let config = ServiceConfig {
         disk: args.disk.merge(cfg)?,
-        keyring: settings::keyring_path(args.keyring, cfg),
+        keyring: channel.keyring.clone(),
         install: InstallOptions {
-            tries: settings::tries(args.tries, cfg),
-            compatible: settings::compatible(args.compatible, cfg),
-            adaptive: settings::adaptive(false, cfg),
-            sentinel,
+            tries,
+            compatible: channel.compatible.clone(),
+            running: channel.running.clone(),
+            adaptive,
+            sentinel: sentinel.clone(),
             ..Default::default()
         },
         fetch: args.fetch.merge(cfg),
+        update: UpdateSettings {
+            strategy: args.strategy.or(c.strategy).unwrap_or_default(),
+            cache_dir: args
+                .cache_dir
+                .or_else(|| c.cache_dir.clone())
+                .unwrap_or_else(|| PathBuf::from(crate::fetch::channel::DEFAULT_CACHE_DIR)),
+            tries,
+            adaptive,
+            sentinel,
+        },
+        channel,
     };
     crate::service::serve(config, args.bus_address.as_deref())
 }

@@ -23,6 +23,7 @@ use zbus::zvariant::OwnedValue;
 
 use crate::disk::slots::DiskSpec;
 use crate::fetch::http::FetchOptions;
+use crate::fetch::update::{ChannelRequest, UpdateEvent, UpdateOutcome, UpdateSettings};
 use crate::install::{InstallEvent, InstallOptions};
 
 /// The well-known bus name, which is also the interface name.
@@ -43,6 +44,10 @@ pub struct ServiceConfig {
     pub install: InstallOptions,
     /// Download settings for URLs.
     pub fetch: FetchOptions,
+    /// The update channel, for `Check` and `Update`.
+    pub channel: ChannelRequest,
+    /// What `Update` does after the check (strategy, cache, tries, sentinel).
+    pub update: UpdateSettings,
 }
 
 /// The D-Bus errors, named `io.abupdate.Updater1.Error.*`.
@@ -71,6 +76,10 @@ struct Shared {
     part: (u64, u64, u64),
     last_error: (String, i32),
     last_signal: Option<Instant>,
+    /// The last channel check's report (`check --json`), empty before the first.
+    verdict: String,
+    /// An adaptive install: its writes copy from the running slot where they can.
+    adaptive: bool,
 }
 
 impl Shared {
@@ -113,7 +122,8 @@ impl Updater {
         *s = Shared {
             operation: operation.to_string(),
             phase: "checking".into(),
-            last_error: s.last_error.clone(),
+            last_error: std::mem::take(&mut s.last_error),
+            verdict: std::mem::take(&mut s.verdict),
             ..Shared::default()
         };
         self.cancel.store(false, Ordering::Relaxed);
@@ -204,10 +214,15 @@ fn on_event(
 ) {
     let send = {
         let mut s = shared.lock().expect("service state");
+        let writing = if s.adaptive { "copying" } else { "writing" };
         let phase = match *event {
+            InstallEvent::AdaptivePlan { .. } => {
+                s.adaptive = true;
+                return;
+            }
             InstallEvent::Written { bytes, total } => {
                 (s.part.0, s.part.1) = (total, bytes);
-                "writing"
+                writing
             }
             InstallEvent::ReadBack { bytes, .. } => {
                 s.part.2 = bytes;
@@ -216,10 +231,10 @@ fn on_event(
             InstallEvent::KernelPart { size, .. } => {
                 s.base += 2 * s.part.0;
                 s.part = (size, 0, 0);
-                "writing"
+                writing
             }
             // The target is unbootable now and its first bytes are on their way.
-            InstallEvent::TargetInvalidated { .. } => "writing",
+            InstallEvent::TargetInvalidated { .. } => writing,
             InstallEvent::Activated { .. } => "flipping",
             _ => return,
         };
@@ -288,6 +303,70 @@ impl Updater {
         Ok(())
     }
 
+    /// `abupdate check`: asks the update channel; returns at once, the report comes as the
+    /// `ChannelVerdict` property, then `Completed`.
+    fn check(&self) -> Result<(), ServiceError> {
+        self.begin("check")?;
+        let (config, shared, connection) = (
+            self.config.clone(),
+            Arc::clone(&self.shared),
+            Arc::clone(&self.connection),
+        );
+        std::thread::spawn(move || {
+            let result = (|| -> anyhow::Result<()> {
+                let fetcher = crate::fetch::http::Fetcher::new(config.fetch.clone())?;
+                let checked = crate::fetch::update::check(
+                    &config.disk,
+                    &config.channel,
+                    &fetcher,
+                    &mut |_| {},
+                )?;
+                shared.lock().expect("service state").verdict =
+                    serde_json::to_string(&checked.report)?;
+                Ok(())
+            })();
+            finish(&shared, &connection, "check", &result);
+        });
+        Ok(())
+    }
+
+    /// `abupdate update`: checks the channel and acts on the update strategy (install,
+    /// download only, or nothing), with the same progress as `Install`; returns at once.
+    fn update(&self) -> Result<(), ServiceError> {
+        self.begin("update")?;
+        let (config, shared, cancel, connection) = (
+            self.config.clone(),
+            Arc::clone(&self.shared),
+            Arc::clone(&self.cancel),
+            Arc::clone(&self.connection),
+        );
+        std::thread::spawn(move || {
+            let result = (|| -> anyhow::Result<UpdateOutcome> {
+                let fetcher = crate::fetch::http::Fetcher::new(config.fetch.clone())?
+                    .with_cancel(Arc::clone(&cancel));
+                let mut events = |e: UpdateEvent| match e {
+                    UpdateEvent::Checked(report) => {
+                        if let Ok(json) = serde_json::to_string(report) {
+                            shared.lock().expect("service state").verdict = json;
+                        }
+                    }
+                    UpdateEvent::Install(e) => on_event(&shared, &connection, &e),
+                    _ => {}
+                };
+                Ok(crate::fetch::update::update(
+                    &config.disk,
+                    &config.channel,
+                    &config.update,
+                    &fetcher,
+                    &cancel,
+                    &mut events,
+                )?)
+            })();
+            finish(&shared, &connection, "update", &result);
+        });
+        Ok(())
+    }
+
     /// Stops the operation in progress at its next chunk (an install leaves its target
     /// unbootable, as a signal to the CLI does).
     fn cancel(&self) -> Result<(), ServiceError> {
@@ -333,13 +412,34 @@ impl Updater {
         })
     }
 
+    /// The slot the system runs from (kernel command line, marker file, root device), empty
+    /// when this is not the live disk.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn running(&self) -> String {
+        slot_names(&self.config.disk).map_or_else(|_| String::new(), |n| n.0)
+    }
+
+    /// The slot that boots next, empty when none is bootable.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn next_boot(&self) -> String {
+        slot_names(&self.config.disk).map_or_else(|_| String::new(), |n| n.1)
+    }
+
+    /// The last channel check (`check --json`: verdict, versions, bundle URLs), empty before
+    /// the first `Check` or `Update`.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn channel_verdict(&self) -> String {
+        self.shared.lock().expect("service state").verdict.clone()
+    }
+
     /// The operation in progress (`install`, `mark-good`, ...), empty when idle.
     #[zbus(property(emits_changed_signal = "false"))]
     fn operation(&self) -> String {
         self.shared.lock().expect("service state").operation.clone()
     }
 
-    /// (bytes done, bytes total, phase): phases `checking`, `writing`, `reading-back` (they
+    /// (bytes done, bytes total, phase): phases `checking`, `writing` (`copying` in an
+    /// adaptive install: chunks come from the running slot where it has them), `reading-back` (they
     /// overlap: the read-back follows the writes region by region), `flipping`, then `done` or
     /// `failed`. Each image byte counts twice, written and read back, so done reaches total
     /// only after the last read-back; a kernel part adds twice its size when it starts.
@@ -401,6 +501,18 @@ fn run_install(
     Ok(crate::fetch::update::install_from(
         &mut disk, bundle, &keyring, options, cancel, events,
     )?)
+}
+
+/// (running, next boot) slot names, empty when unknown.
+fn slot_names(disk: &DiskSpec) -> anyhow::Result<(String, String)> {
+    let disk = disk.open(false)?;
+    let slots = disk.slots()?;
+    let running =
+        crate::disk::running::find(&disk, &slots, None, crate::disk::running::Fallback::Nothing)?;
+    let attrs: Vec<_> = slots.iter().map(|s| s.attrs).collect();
+    let next = crate::select::next_slot(&attrs);
+    let name = |i: Option<usize>| i.map(|i| slots[i].name.clone()).unwrap_or_default();
+    Ok((name(running.map(|r| r.index)), name(next)))
 }
 
 fn status_json(disk: &DiskSpec) -> anyhow::Result<String> {
