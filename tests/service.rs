@@ -241,6 +241,21 @@ fn service_installs_with_progress_signals_one_operation_at_a_time() {
     let status: serde_json::Value =
         serde_json::from_str(bus.property("Status").as_str().unwrap()).unwrap();
     assert_eq!(status["slots"][0]["version"], "1.0", "{status}");
+    // The same as typed D-Bus structures: (name, partition, PARTUUID, priority, tries,
+    // successful, bootable, next boot, running, size, version, KERN partition).
+    let slots = bus.property("Slots");
+    assert_eq!(slots[0][0], "ROOT-A", "{slots}");
+    assert_eq!(slots[0][2], status["slots"][0]["partuuid"], "{slots}");
+    assert_eq!(
+        (&slots[0][3], &slots[0][5], &slots[0][10]),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!(true),
+            &serde_json::json!("1.0")
+        ),
+        "{slots}"
+    );
+    assert_eq!(slots[1][10], "", "{slots}");
 
     let monitor_log = dir.path().join("monitor.log");
     let mut monitor = Command::new("busctl")

@@ -91,6 +91,44 @@ impl Shared {
     }
 }
 
+/// One slot as the `Slots` property gives it: the fields of `status --json`, in this order
+/// (D-Bus signature `(susyybbbbtsu)`); `version` is empty and `kernel_partition` 0 when absent.
+#[derive(
+    Debug,
+    Clone,
+    serde::Serialize,
+    serde::Deserialize,
+    zbus::zvariant::Type,
+    zbus::zvariant::Value,
+    zbus::zvariant::OwnedValue,
+)]
+pub struct SlotInfo {
+    /// Label.
+    pub name: String,
+    /// 1-based partition number.
+    pub partition: u32,
+    /// Unique partition GUID.
+    pub partuuid: String,
+    /// cgpt priority.
+    pub priority: u8,
+    /// cgpt tries.
+    pub tries: u8,
+    /// cgpt successful.
+    pub successful: bool,
+    /// Whether cgptlib would boot it.
+    pub bootable: bool,
+    /// Whether it boots next.
+    pub next_boot: bool,
+    /// Whether it is the running slot (when known).
+    pub running: bool,
+    /// Partition size in bytes.
+    pub size_bytes: u64,
+    /// Installed version, from the slot record.
+    pub version: String,
+    /// Its KERN partition, on a disk with the boot chain.
+    pub kernel_partition: u32,
+}
+
 /// The object served at [`OBJECT_PATH`].
 pub struct Updater {
     config: ServiceConfig,
@@ -412,6 +450,12 @@ impl Updater {
         })
     }
 
+    /// The slots, as `status` shows them.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn slots(&self) -> Vec<SlotInfo> {
+        slot_infos(&self.config.disk).unwrap_or_default()
+    }
+
     /// The slot the system runs from (kernel command line, marker file, root device), empty
     /// when this is not the live disk.
     #[zbus(property(emits_changed_signal = "false"))]
@@ -505,26 +549,54 @@ fn run_install(
 
 /// (running, next boot) slot names, empty when unknown.
 fn slot_names(disk: &DiskSpec) -> anyhow::Result<(String, String)> {
-    let disk = disk.open(false)?;
-    let slots = disk.slots()?;
-    let running =
-        crate::disk::running::find(&disk, &slots, None, crate::disk::running::Fallback::Nothing)?;
-    let attrs: Vec<_> = slots.iter().map(|s| s.attrs).collect();
-    let next = crate::select::next_slot(&attrs);
-    let name = |i: Option<usize>| i.map(|i| slots[i].name.clone()).unwrap_or_default();
-    Ok((name(running.map(|r| r.index)), name(next)))
+    let report = status_report(disk)?;
+    Ok((
+        report.running.unwrap_or_default(),
+        report.next_boot.unwrap_or_default(),
+    ))
 }
 
-fn status_json(disk: &DiskSpec) -> anyhow::Result<String> {
+/// `status`'s report, with versions and the running slot.
+fn status_report(disk: &DiskSpec) -> anyhow::Result<crate::disk::slots::Status> {
     let mut disk = disk.open(false)?;
     let mut report = disk.status()?;
     let slots = disk.slots()?;
+    let fallback = crate::disk::running::Fallback::Nothing;
+    let running = crate::disk::running::find(&disk, &slots, None, fallback)?;
     let sector_size = disk.gpt.sector_size();
     for (i, slot) in slots.iter().enumerate() {
         report.slots[i].version =
             crate::disk::record::read_record(&mut disk.dev, slot, sector_size).map(|r| r.version);
+        report.slots[i].running = running.as_ref().is_some_and(|r| r.index == i);
     }
-    Ok(serde_json::to_string(&report)?)
+    report.running = running.as_ref().map(|r| slots[r.index].name.clone());
+    report.running_source = running.map(|r| r.source.as_str());
+    Ok(report)
+}
+
+fn status_json(disk: &DiskSpec) -> anyhow::Result<String> {
+    Ok(serde_json::to_string(&status_report(disk)?)?)
+}
+
+fn slot_infos(disk: &DiskSpec) -> anyhow::Result<Vec<SlotInfo>> {
+    Ok(status_report(disk)?
+        .slots
+        .into_iter()
+        .map(|s| SlotInfo {
+            name: s.name,
+            partition: s.partition,
+            partuuid: s.partuuid,
+            priority: s.fields.priority,
+            tries: s.fields.tries,
+            successful: s.fields.successful,
+            bootable: s.bootable,
+            next_boot: s.next_boot,
+            running: s.running,
+            size_bytes: s.size_bytes,
+            version: s.version.unwrap_or_default(),
+            kernel_partition: s.kernel_partition.unwrap_or(0),
+        })
+        .collect())
 }
 
 /// Serves the interface on `address` (a D-Bus address; `None`: the system bus) until the
