@@ -332,6 +332,18 @@ fn service_installs_with_progress_signals_one_operation_at_a_time() {
     );
 }
 
+/// ROOT-B left unbootable, ROOT-A (partition 1) committed and byte for byte as it was.
+fn assert_interrupted(disk: &str, a_before: &str) {
+    let (a_start, a_len) = partition_range(disk, 1);
+    assert_eq!(
+        cgpt_fields(disk, 2),
+        (0, 0, false),
+        "ROOT-B left unbootable"
+    );
+    assert_eq!(cgpt_fields(disk, 1), (1, 0, true));
+    assert_eq!(sha256_range(Path::new(disk), a_start, a_len), a_before);
+}
+
 #[test]
 fn service_cancel_and_kill_leave_the_target_unbootable_and_policy_refuses_strangers() {
     let dir = tempfile::tempdir().unwrap();
@@ -369,13 +381,7 @@ fn service_cancel_and_kill_leave_the_target_unbootable_and_policy_refuses_strang
     drop(writer);
     let last_error = bus.property("LastError");
     assert_eq!(last_error[1], 130, "{last_error}");
-    assert_eq!(
-        cgpt_fields(&disk, 2),
-        (0, 0, false),
-        "ROOT-B left unbootable"
-    );
-    assert_eq!(cgpt_fields(&disk, 1), (1, 0, true));
-    assert_eq!(sha256_range(Path::new(&disk), a_start, a_len), a_before);
+    assert_interrupted(&disk, &a_before);
 
     // Killed mid-install: the disk is as a killed CLI leaves it.
     std::fs::remove_file(&fifo).unwrap();
@@ -390,13 +396,7 @@ fn service_cancel_and_kill_leave_the_target_unbootable_and_policy_refuses_strang
     service.kill().unwrap();
     service.wait().unwrap();
     drop(writer);
-    assert_eq!(
-        cgpt_fields(&disk, 2),
-        (0, 0, false),
-        "ROOT-B left unbootable"
-    );
-    assert_eq!(cgpt_fields(&disk, 1), (1, 0, true));
-    assert_eq!(sha256_range(Path::new(&disk), a_start, a_len), a_before);
+    assert_interrupted(&disk, &a_before);
     assert_sgdisk_clean(&disk);
     // A new service installs over the interrupted one.
     bus.start_service(&disk);

@@ -23,7 +23,7 @@ use zbus::zvariant::OwnedValue;
 
 use crate::disk::slots::DiskSpec;
 use crate::fetch::http::FetchOptions;
-use crate::fetch::update::{ChannelRequest, UpdateEvent, UpdateOutcome, UpdateSettings};
+use crate::fetch::update::{ChannelRequest, UpdateEvent, UpdateSettings};
 use crate::install::{InstallEvent, InstallOptions};
 
 /// The well-known bus name, which is also the interface name.
@@ -168,6 +168,27 @@ impl Updater {
         Ok(())
     }
 
+    /// Starts `operation` on a worker thread (the D-Bus call returns at once); its end is
+    /// recorded and signalled by [`finish`].
+    fn in_background<T>(
+        &self,
+        operation: &'static str,
+        work: impl FnOnce(&Worker) -> anyhow::Result<T> + Send + 'static,
+    ) -> Result<(), ServiceError> {
+        self.begin(operation)?;
+        let worker = Worker {
+            config: self.config.clone(),
+            shared: Arc::clone(&self.shared),
+            cancel: Arc::clone(&self.cancel),
+            connection: Arc::clone(&self.connection),
+        };
+        std::thread::spawn(move || {
+            let result = work(&worker);
+            finish(&worker.shared, &worker.connection, operation, &result);
+        });
+        Ok(())
+    }
+
     /// A slot operation, run in the call (they take milliseconds).
     fn slot_operation(
         &self,
@@ -198,6 +219,14 @@ impl Updater {
         finish(&self.shared, &self.connection, operation, &result);
         result.map_err(|e| failed(&e))
     }
+}
+
+/// What a background operation works with.
+struct Worker {
+    config: ServiceConfig,
+    shared: Arc<Mutex<Shared>>,
+    cancel: Arc<AtomicBool>,
+    connection: Arc<OnceLock<zbus::blocking::Connection>>,
 }
 
 /// `exit N: message` for an error, N the CLI's exit code for it.
@@ -325,84 +354,54 @@ impl Updater {
                 _ => return Err(bad("unknown")),
             }
         }
-        self.begin("install")?;
-        let (config, shared, cancel, connection) = (
-            self.config.clone(),
-            Arc::clone(&self.shared),
-            Arc::clone(&self.cancel),
-            Arc::clone(&self.connection),
-        );
-        std::thread::spawn(move || {
-            let result = run_install(&config, &source, &install, &cancel, &mut |e| {
-                on_event(&shared, &connection, &e)
-            });
-            finish(&shared, &connection, "install", &result);
-        });
-        Ok(())
+        self.in_background("install", move |w| {
+            run_install(&w.config, &source, &install, &w.cancel, &mut |e| {
+                on_event(&w.shared, &w.connection, &e)
+            })
+        })
     }
 
     /// `abupdate check`: asks the update channel; returns at once, the report comes as the
     /// `ChannelVerdict` property, then `Completed`.
     fn check(&self) -> Result<(), ServiceError> {
-        self.begin("check")?;
-        let (config, shared, connection) = (
-            self.config.clone(),
-            Arc::clone(&self.shared),
-            Arc::clone(&self.connection),
-        );
-        std::thread::spawn(move || {
-            let result = (|| -> anyhow::Result<()> {
-                let fetcher = crate::fetch::http::Fetcher::new(config.fetch.clone())?;
-                let checked = crate::fetch::update::check(
-                    &config.disk,
-                    &config.channel,
-                    &fetcher,
-                    &mut |_| {},
-                )?;
-                shared.lock().expect("service state").verdict =
-                    serde_json::to_string(&checked.report)?;
-                Ok(())
-            })();
-            finish(&shared, &connection, "check", &result);
-        });
-        Ok(())
+        self.in_background("check", |w| {
+            let fetcher = crate::fetch::http::Fetcher::new(w.config.fetch.clone())?;
+            let checked = crate::fetch::update::check(
+                &w.config.disk,
+                &w.config.channel,
+                &fetcher,
+                &mut |_| {},
+            )?;
+            w.shared.lock().expect("service state").verdict =
+                serde_json::to_string(&checked.report)?;
+            Ok(())
+        })
     }
 
     /// `abupdate update`: checks the channel and acts on the update strategy (install,
     /// download only, or nothing), with the same progress as `Install`; returns at once.
     fn update(&self) -> Result<(), ServiceError> {
-        self.begin("update")?;
-        let (config, shared, cancel, connection) = (
-            self.config.clone(),
-            Arc::clone(&self.shared),
-            Arc::clone(&self.cancel),
-            Arc::clone(&self.connection),
-        );
-        std::thread::spawn(move || {
-            let result = (|| -> anyhow::Result<UpdateOutcome> {
-                let fetcher = crate::fetch::http::Fetcher::new(config.fetch.clone())?
-                    .with_cancel(Arc::clone(&cancel));
-                let mut events = |e: UpdateEvent| match e {
-                    UpdateEvent::Checked(report) => {
-                        if let Ok(json) = serde_json::to_string(report) {
-                            shared.lock().expect("service state").verdict = json;
-                        }
+        self.in_background("update", |w| {
+            let fetcher = crate::fetch::http::Fetcher::new(w.config.fetch.clone())?
+                .with_cancel(Arc::clone(&w.cancel));
+            let mut events = |e: UpdateEvent| match e {
+                UpdateEvent::Checked(report) => {
+                    if let Ok(json) = serde_json::to_string(report) {
+                        w.shared.lock().expect("service state").verdict = json;
                     }
-                    UpdateEvent::Install(e) => on_event(&shared, &connection, &e),
-                    _ => {}
-                };
-                Ok(crate::fetch::update::update(
-                    &config.disk,
-                    &config.channel,
-                    &config.update,
-                    &fetcher,
-                    &cancel,
-                    &mut events,
-                )?)
-            })();
-            finish(&shared, &connection, "update", &result);
-        });
-        Ok(())
+                }
+                UpdateEvent::Install(e) => on_event(&w.shared, &w.connection, &e),
+                _ => {}
+            };
+            Ok(crate::fetch::update::update(
+                &w.config.disk,
+                &w.config.channel,
+                &w.config.update,
+                &fetcher,
+                &w.cancel,
+                &mut events,
+            )?)
+        })
     }
 
     /// Stops the operation in progress at its next chunk (an install leaves its target
