@@ -470,4 +470,17 @@ fn service_checks_and_updates_from_a_channel() {
         (&progress[0], &progress[2]),
         (&progress[1], &serde_json::json!("done"))
     );
+
+    // The health commit's and the operator's slot operations.
+    let (ok, out) = bus.call("MarkGood", &["s", "ROOT-B"]);
+    assert!(ok && out.contains("ROOT-B"), "{out}");
+    assert!(cgpt_fields(&disk, 2).2, "ROOT-B committed");
+    let (ok, out) = bus.call("MarkBad", &["s", "ROOT-B"]);
+    assert!(ok, "{out}");
+    assert_eq!(cgpt_fields(&disk, 2), (0, 0, false));
+    // Rollback to a slot that is not committed is refused with the CLI's exit code.
+    let (ok, out) = bus.call("Rollback", &[]);
+    assert!(!ok && out.contains("exit 8"), "{out}");
+    assert_eq!(bus.property("LastError")[1], 8);
+    assert_eq!(bus.property("NextBoot"), "ROOT-A");
 }

@@ -207,6 +207,8 @@ impl Updater {
             let mut disk = self.config.disk.open_locked()?;
             let slots = disk.slots()?;
             let fallback = crate::disk::running::Fallback::Nothing;
+            // No slot named: the running one (or the one the configuration names as running).
+            let slot = slot.or(self.config.install.running.as_deref());
             let index = crate::disk::running::find(&disk, &slots, slot, fallback)?
                 .map(|r| r.index)
                 .ok_or_else(|| anyhow::anyhow!("cannot tell which slot is running: name one"))?;
