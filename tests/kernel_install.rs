@@ -275,3 +275,31 @@ fn behind_the_loader_abupdate_boot_spends_no_second_try_and_status_says_who_chos
     assert!(env.contains("ABUPDATE_CHOSEN_BY=abupdate-boot"), "{env}");
     assert_eq!(cgpt_fields(&disk, 5), (2, 1, false));
 }
+
+#[test]
+fn a_boot_chain_disk_too_small_says_what_it_must_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("small.img");
+    let out = abupdate(&[
+        "disk",
+        "init",
+        disk.to_str().unwrap(),
+        "--slot-size",
+        "1M",
+        "--kernel-size",
+        "256K",
+        "--esp-size",
+        "1M",
+        "--disk-size",
+        "6M",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr
+            .contains("an EFI system partition, two kernel partitions and two 1048576-byte slots")
+            && stderr.contains("needs at least 6308352 bytes"),
+        "{stderr}"
+    );
+    assert!(!disk.exists(), "nothing is created");
+}

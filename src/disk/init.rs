@@ -144,12 +144,16 @@ pub enum InitError {
         path: String,
     },
     /// The requested sizes do not fit.
-    #[error("disk of {disk_size} bytes cannot hold two {slot_size}-byte slots plus GPT")]
+    #[error(
+        "disk of {disk_size} bytes cannot hold {what} plus GPT: it needs at least {needed} bytes"
+    )]
     TooSmall {
         /// Disk size.
         disk_size: u64,
-        /// Slot size.
-        slot_size: u64,
+        /// The partitions asked for, e.g. `two 1048576-byte slots`.
+        what: String,
+        /// The smallest disk that holds them.
+        needed: u64,
     },
     /// Bad parameters (sector size, GUID, zero size).
     #[error("invalid disk layout: {0}")]
@@ -213,9 +217,18 @@ pub fn create_disk_image(path: &Path, spec: &InitSpec) -> Result<(), InitError> 
         })
         .ok_or_else(too_large)?;
     if disk_size / ss < needed {
+        let what = if partitions.len() > 2 {
+            format!(
+                "an EFI system partition, two kernel partitions and two {}-byte slots",
+                spec.slot_size
+            )
+        } else {
+            format!("two {}-byte slots", spec.slot_size)
+        };
         return Err(InitError::TooSmall {
             disk_size,
-            slot_size: spec.slot_size,
+            what,
+            needed: needed * ss,
         });
     }
     let types = partitions
