@@ -226,7 +226,9 @@ impl BundleHeader {
 
     /// Total length of the bundle file: header, the image's frames, the kernel's frames.
     pub fn bundle_len(&self) -> u64 {
-        let kernel = self.kernel_view().map_or(0, |k| k.payload_len());
+        let kernel = self
+            .kernel()
+            .map_or(0, |k| k.chunks.iter().map(|&(len, _)| u64::from(len)).sum());
         self.payload_offset.unwrap_or_else(|| self.header_len()) + self.payload_len() + kernel
     }
 

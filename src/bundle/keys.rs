@@ -19,7 +19,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use sha2::{Digest, Sha256};
 
 use super::error::KeyError;
 
@@ -39,10 +38,8 @@ pub struct KeyId(pub [u8; 8]);
 impl KeyId {
     /// Computes the id of a public key.
     pub fn of(key: &VerifyingKey) -> KeyId {
-        let digest = Sha256::digest(key.as_bytes());
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&digest[..8]);
-        KeyId(id)
+        // One definition of the id, shared with the boot loader's header check.
+        KeyId(abupdate_core::signed_header::key_id(key.as_bytes()))
     }
 }
 

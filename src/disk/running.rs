@@ -169,3 +169,24 @@ pub fn find<D: BlockDevice + SlotBacking>(
         }
     })
 }
+
+/// The report `status` shows: [`AbDisk::status`] with each slot's recorded version and the
+/// running slot (named by `explicit`, else detected; none on a disk image) and how it was
+/// found. The CLI's `status` and the D-Bus service's `Status`/`Slots` both come from here.
+pub fn status_report<D: BlockDevice + SlotBacking>(
+    disk: &mut AbDisk<D>,
+    explicit: Option<&str>,
+) -> Result<crate::disk::slots::Status, SlotError> {
+    let mut report = disk.status()?;
+    let slots = disk.slots()?;
+    let found = find(disk, &slots, explicit, Fallback::Nothing)?;
+    let sector_size = disk.gpt.sector_size();
+    for (i, slot) in slots.iter().enumerate() {
+        report.slots[i].running = found.as_ref().is_some_and(|r| r.index == i);
+        report.slots[i].version =
+            crate::disk::record::read_record(&mut disk.dev, slot, sector_size).map(|r| r.version);
+    }
+    report.running = found.as_ref().map(|r| slots[r.index].name.clone());
+    report.running_source = found.map(|r| r.source.as_str());
+    Ok(report)
+}

@@ -557,22 +557,12 @@ fn slot_names(disk: &DiskSpec) -> anyhow::Result<(String, String)> {
     ))
 }
 
-/// `status`'s report, with versions and the running slot.
+/// `status`'s report ([`crate::disk::running::status_report`]).
 fn status_report(disk: &DiskSpec) -> anyhow::Result<crate::disk::slots::Status> {
-    let mut disk = disk.open(false)?;
-    let mut report = disk.status()?;
-    let slots = disk.slots()?;
-    let fallback = crate::disk::running::Fallback::Nothing;
-    let running = crate::disk::running::find(&disk, &slots, None, fallback)?;
-    let sector_size = disk.gpt.sector_size();
-    for (i, slot) in slots.iter().enumerate() {
-        report.slots[i].version =
-            crate::disk::record::read_record(&mut disk.dev, slot, sector_size).map(|r| r.version);
-        report.slots[i].running = running.as_ref().is_some_and(|r| r.index == i);
-    }
-    report.running = running.as_ref().map(|r| slots[r.index].name.clone());
-    report.running_source = running.map(|r| r.source.as_str());
-    Ok(report)
+    Ok(crate::disk::running::status_report(
+        &mut disk.open(false)?,
+        None,
+    )?)
 }
 
 fn status_json(disk: &DiskSpec) -> anyhow::Result<String> {
