@@ -66,8 +66,8 @@ pub struct BootDecision {
 /// Runs the boot hook on `disk` (opened writable): chooses, spends a try, writes crash-safely.
 /// `disk_is_block_device` decides whether a partition device path is printed (an image file
 /// has none).
-/// `kernel_cmdline` is this boot's kernel command line: when abupdate's loader chose a slot
-/// that is still bootable, that choice stands and nothing is written.
+/// `kernel_cmdline` is this boot's kernel command line: when abupdate's loader chose a slot,
+/// that choice stands and nothing is written (the loader spent the try).
 pub fn boot<D: BlockDevice>(
     disk: &mut AbDisk<D>,
     disk_path: &Path,

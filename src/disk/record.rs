@@ -46,10 +46,12 @@ pub enum Unverified {
         image_size: u64,
     },
     /// The slot's bytes do not hash to the recorded SHA-256.
-    #[error("its content does not match its slot record ({version}: SHA-256 {found}, recorded {recorded})")]
+    #[error(
+        "its content does not match its slot record ({what}: SHA-256 {found}, recorded {recorded})"
+    )]
     Mismatch {
-        /// Which partition, of which recorded version.
-        version: String,
+        /// Which partition, of which recorded version (`KERN-B of version 2`).
+        what: String,
         /// Recorded hash, hex.
         recorded: String,
         /// Computed hash, hex.
@@ -83,7 +85,7 @@ pub fn verify_slot<D: crate::disk::blockdev::BlockDevice>(
         });
     }
     let mismatch = |what: &str, recorded: &[u8; 32], found: [u8; 32]| Unverified::Mismatch {
-        version: format!("{} of version {}", what, record.version),
+        what: format!("{} of version {}", what, record.version),
         recorded: hex::encode(recorded),
         found: hex::encode(found),
     };
